@@ -103,8 +103,18 @@ def load_config(
     if path is not None:
         data = _merge(data, read_yaml(path))
         source = str(path)
-    data = apply_overrides(data, overrides)
-    return validate(schema, data, source)
+    overrides = list(overrides)
+    if not overrides:
+        return validate(schema, data, source)
+    # Apply overrides to the *resolved* config (defaults filled in), so `--set sweep.1=...` or
+    # `--set trainer.devices=2` work even when the file does not spell those keys out. A file that
+    # only becomes valid through its overrides (a required key given by --set) is handled too.
+    try:
+        resolved = validate(schema, data, source).model_dump()
+    except ConfigError:
+        resolved = data
+    source = f"{source} with --set {' '.join(overrides)}"
+    return validate(schema, apply_overrides(resolved, overrides), source)
 
 
 def validate(schema: type[M], data: Mapping[str, Any], source: str) -> M:
