@@ -15,7 +15,9 @@ import click
 from pathopeft import __version__
 
 # command name -> "module:attribute" (a click.Command). Register only commands that work.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "synth": "pathopeft.cli.synth:synth",
+}
 
 
 class LazyGroup(click.Group):

@@ -7,6 +7,7 @@ pixels (OpenSlide, or tifffile reading stored tiles directly for speed) is the f
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,7 +15,7 @@ from types import TracebackType
 
 import numpy as np
 
-__all__ = ["MissingMppError", "Slide", "SlideError"]
+__all__ = ["MissingMppError", "Slide", "SlideError", "composite_on_white", "one_line"]
 
 
 class SlideError(RuntimeError):
@@ -31,7 +32,18 @@ class Slide(ABC):
     Conventions: sizes are ``(width, height)``; locations are level-0 pixels ``(x, y)`` of the
     top-left corner; pixels come back as ``(H, W, 3)`` uint8 RGB with transparent areas white.
     Instances are picklable (the file handle is reopened lazily), so DataLoader workers can read.
+
+    Geometry and properties are read once at open and travel with the pickle (cheap, no file
+    access in the worker until the first pixel read). Subclasses list their unpicklable handle
+    attributes in ``_handle_attrs``; they are reset to ``None`` on pickling and reopened lazily.
+
+    Threads may share one instance (handle (re)opening is locked; each backend documents its
+    read-side safety). Processes should each hold their own instance: pickle it (spawn) — with
+    ``fork``, the copied handle is still usable (reads are position-independent) but do not fork
+    while another thread is inside ``read_region``.
     """
+
+    _handle_attrs: tuple[str, ...] = ()
 
     backend: str = "abstract"
 
@@ -39,6 +51,8 @@ class Slide(ABC):
         self.path = Path(path)
         self.slide_id = slide_id or _default_slide_id(self.path)
         self._mpp_override = mpp
+        # Guards lazy (re)opening of handles when threads share one instance.
+        self._lock = threading.RLock()
 
     # --- geometry -------------------------------------------------------------------------
     @property
@@ -102,6 +116,18 @@ class Slide(ABC):
     def close(self) -> None:  # noqa: B027 - optional for backends without handles
         """Release file handles; the slide reopens lazily if used again."""
 
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()
+        for name in self._handle_attrs:
+            if name in state:
+                state[name] = None
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     def __enter__(self) -> Slide:
         return self
 
@@ -120,3 +146,25 @@ def _default_slide_id(path: Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem if path.is_file() or path.suffix else name
+
+
+def composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """Composite non-premultiplied RGBA (what openslide-python returns) on white → RGB uint8.
+
+    openslide-python un-premultiplies OpenSlide's ARGB, so ``out = rgb·a/255 + (255 − a)``; fully
+    transparent pixels (outside the slide, missing tiles) become white. Opaque input is returned
+    without arithmetic (the common case).
+    """
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.uint32)[..., None]
+    out = (rgb.astype(np.uint32) * a + 127) // 255 + (255 - a)
+    return np.minimum(out, 255).astype(np.uint8)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one short line (the manifest stores it in a CSV cell)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
