@@ -99,7 +99,7 @@ def load_config(
 ) -> M:
     """Load ``path`` (optional) on top of ``base`` (optional), apply overrides, validate into ``schema``."""
     data: dict[str, Any] = _deep_copy(base or {})
-    source = "defaults"
+    source = "command-line options"
     if path is not None:
         data = _merge(data, read_yaml(path))
         source = str(path)
