@@ -1,0 +1,230 @@
+"""Save and load one adapter alone, in HF PEFT's folder layout.
+
+``adapter_config.json``: format/version, method, name, options, target pattern, one entry per
+adapted layer (kind, weight shape, per-layer meta such as SVFit's rank, base-weight hash) and
+``base_hash`` (sha256 over the sorted ``"<layer>:<layer hash>"`` lines, see :func:`layer_hash`).
+``adapter_model.safetensors``: every parameter AND buffer of the adapter (SVD factors included:
+recomputing an SVD elsewhere can flip signs), keyed ``<layer name>.<tensor name>``; optional
+"extra" base parameters the caller also trained (norms, positional embeddings: HF PEFT's
+``modules_to_save``) under ``__extra__.<parameter name>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pathopeft.adapters.base import AdaptedLayer, AdapterError, LayerGeometry, layer_hash
+from pathopeft.adapters.model import _freeze_base, _set_submodule, adapter_modules, adapter_names
+from pathopeft.adapters.registry import make_config
+from pathopeft.files import atomic_path, atomic_write_json
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "base_hash", "load", "read_adapter_config", "save"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+EXTRA_PREFIX = "__extra__."
+FORMAT = "pathopeft-adapter"
+VERSION = 1
+
+
+def base_hash(layer_hashes: dict[str, str]) -> str:
+    """One hash for all adapted layers: sha256 of ``"name:hash\\n"`` lines in sorted name order."""
+    text = "".join(f"{name}:{layer_hashes[name]}\n" for name in sorted(layer_hashes))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _plain_name(parameter_name: str) -> str:
+    """Parameter name as in the unwrapped model (``x.qkv.base_layer.bias`` -> ``x.qkv.bias``)."""
+    return parameter_name.replace(".base_layer.", ".")
+
+
+def save(
+    model: nn.Module, out_dir: str | Path, name: str = "default", *, extra_parameters: str | None = None
+) -> Path:
+    """Write adapter ``name`` to ``out_dir`` (config JSON + safetensors, each written atomically).
+
+    ``extra_parameters``: a full-match regex over (unwrapped) parameter names of base parameters
+    to store alongside, e.g. ``r".*norm.*|pos_embed"`` when those were trained too; :func:`load`
+    copies them back. Adapter parameters never match it.
+
+    The base hash is the one recorded when each layer was wrapped, so saving works while merged.
+    If a layer was never merged and its current weights no longer hash the same (the base was
+    trained or edited after attach), saving is refused: the adapter would not reproduce the
+    outputs on the original base.
+    """
+    if name not in adapter_names(model):
+        raise AdapterError(f"no adapter named {name!r} on this model; it has {adapter_names(model)}")
+    out = Path(out_dir)
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, Any] = {}
+    config = None
+    num_parameters = 0
+    for layer_name, layer, adapter in adapter_modules(model, name):
+        if not layer.touched_by_merge and layer_hash(layer.base_layer) != layer.base_hash:
+            raise AdapterError(
+                f"{layer_name}: the base weights changed since the adapter was attached; "
+                "an adapter alone cannot reproduce this model (save the full model instead)"
+            )
+        config = adapter.config
+        num_parameters += adapter.num_parameters()
+        for key, tensor in adapter.state_dict().items():
+            tensors[f"{layer_name}.{key}"] = tensor.detach().to("cpu").contiguous().clone()
+        g = layer.geometry
+        layers[layer_name] = {
+            "kind": g.kind,
+            "weight_shape": list(g.weight_shape),
+            "meta": adapter.meta(),
+            "hash": layer.base_hash,
+        }
+    assert config is not None
+    extras = _extra_tensors(model, extra_parameters)
+    tensors.update({EXTRA_PREFIX + key: value for key, value in extras.items()})
+    document = {
+        "format": FORMAT,
+        "version": VERSION,
+        "method": config.method,
+        "name": name,
+        "options": config.model_dump(mode="json"),
+        "base_hash": base_hash({k: v["hash"] for k, v in layers.items()}),
+        "layers": layers,
+        "num_parameters": num_parameters,
+        "extra_parameters": sorted(extras),
+    }
+    with atomic_path(out / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "method": config.method, "name": name})
+    atomic_write_json(out / CONFIG_NAME, document)
+    return out
+
+
+def _extra_tensors(model: nn.Module, pattern: str | None) -> dict[str, torch.Tensor]:
+    if pattern is None:
+        return {}
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise AdapterError(f"invalid extra_parameters pattern {pattern!r}: {exc}") from None
+    found = {
+        _plain_name(n): p.detach().to("cpu").contiguous().clone()
+        for n, p in model.named_parameters()
+        if ".adapters." not in n and regex.fullmatch(_plain_name(n))
+    }
+    if not found:
+        raise AdapterError(f"extra_parameters pattern {pattern!r} matched no base parameter")
+    return found
+
+
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    """Read and sanity-check ``adapter_config.json`` from a folder (or the file itself)."""
+    path = Path(path)
+    file = path / CONFIG_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise AdapterError(f"{file}: adapter config not found")
+    try:
+        document = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{file}: not valid JSON: {exc}") from None
+    if document.get("format") != FORMAT:
+        raise AdapterError(f"{file}: not a pathopeft adapter (format={document.get('format')!r})")
+    for key in ("method", "name", "options", "layers"):
+        if key not in document:
+            raise AdapterError(f"{file}: missing key {key!r}")
+    return document
+
+
+def load(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    name: str | None = None,
+    trainable: bool = False,
+    verify_hash: bool = True,
+) -> str:
+    """Attach the adapter saved in ``path`` to ``model``; return its name (``name`` renames it).
+
+    The model must have every saved layer, with the same kind and weight shape, and (unless
+    ``verify_hash=False``) base weights hashing as saved. The loaded adapter is active; it is
+    frozen unless ``trainable``. Like :func:`attach`, every non-adapter parameter is frozen.
+    """
+    folder = Path(path)
+    document = read_adapter_config(folder)
+    weights_file = folder / WEIGHTS_NAME
+    if not weights_file.is_file():
+        raise AdapterError(f"{weights_file}: adapter weights not found")
+    config = make_config(document["method"], **document["options"])
+    name = name or document["name"]
+    if name in adapter_names(model):
+        raise AdapterError(f"an adapter named {name!r} is already attached; pass name= to rename")
+    tensors = load_file(str(weights_file))
+    modules = dict(model.named_modules())
+    built = []
+    problems: list[str] = []
+    for layer_name, info in document["layers"].items():
+        module = modules.get(layer_name)
+        if module is None:
+            problems.append(f"{layer_name}: no such module in {type(model).__name__}")
+            continue
+        layer = module if isinstance(module, AdaptedLayer) else None
+        base = layer.base_layer if layer else module
+        try:
+            geometry = layer.geometry if layer else LayerGeometry.from_module(base, layer_name)
+        except AdapterError as exc:
+            problems.append(str(exc))
+            continue
+        if geometry.kind != info["kind"] or list(geometry.weight_shape) != list(info["weight_shape"]):
+            problems.append(
+                f"{layer_name}: saved for a {info['kind']} of weight shape {tuple(info['weight_shape'])}, "
+                f"found a {geometry.kind} of shape {geometry.weight_shape}"
+            )
+            continue
+        current_hash = layer.base_hash if layer else layer_hash(base)
+        if verify_hash and current_hash != info["hash"]:
+            problems.append(f"{layer_name}: base weights differ from the ones the adapter was trained on")
+            continue
+        built.append((layer_name, module, geometry, info))
+    base_params = {_plain_name(n): p for n, p in model.named_parameters() if ".adapters." not in n}
+    for key in document.get("extra_parameters", []):
+        target = base_params.get(key)
+        saved = tensors.get(EXTRA_PREFIX + key)
+        if target is None or saved is None:
+            problems.append(
+                f"extra parameter {key}: missing in the {'model' if saved is not None else 'file'}"
+            )
+        elif tuple(target.shape) != tuple(saved.shape):
+            problems.append(
+                f"extra parameter {key}: saved shape {tuple(saved.shape)}, model has {tuple(target.shape)}"
+            )
+    if problems:
+        shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
+        raise AdapterError(f"{folder}: cannot load adapter {document['name']!r} onto this model:\n  {shown}")
+    for layer_name, module, geometry, info in built:
+        adapter = config.build(geometry, layer_name, meta=info.get("meta") or {})
+        prefix = f"{layer_name}."
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            adapter.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise AdapterError(f"{weights_file}: tensors for {layer_name} do not fit: {exc}") from None
+        layer = module if isinstance(module, AdaptedLayer) else AdaptedLayer(module, layer_name)
+        if layer is not module:
+            _set_submodule(model, layer_name, layer)
+        weight = layer.base_layer.weight
+        adapter.to(device=weight.device)
+        layer.add(name, adapter)
+    with torch.no_grad():
+        for key in document.get("extra_parameters", []):
+            base_params[key].copy_(tensors[EXTRA_PREFIX + key])
+    _freeze_base(model)
+    for _, _, adapter in adapter_modules(model, name):
+        adapter.requires_grad_(trainable)
+    hook = getattr(config, "after_load", None)
+    if hook is not None:
+        hook(model, name)
+    return name

@@ -1,0 +1,288 @@
+"""Model-level operations: inject adapters by name pattern, choose the active ones, merge, count.
+
+Injection replaces each matched module by an :class:`AdaptedLayer` that keeps the original as
+``<name>.base_layer`` (HF PEFT's layout), so state-dict keys of the base stay predictable.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from pathopeft.adapters.base import AdaptedLayer, AdapterError, AdapterModule, float32_svd_many
+from pathopeft.adapters.registry import NAME_PATTERN, AdapterConfig, make_config
+
+__all__ = [
+    "active_adapters",
+    "adapted_layers",
+    "adapter_modules",
+    "adapter_names",
+    "attach",
+    "detach",
+    "merge",
+    "regularization",
+    "set_active",
+    "set_trainable",
+    "trainable_parameters",
+    "unmerge",
+]
+
+Patterns = str | Sequence[str] | None
+
+
+def _compile(patterns: Patterns) -> list[re.Pattern[str]]:
+    if patterns is None:
+        return []
+    items = [patterns] if isinstance(patterns, str) else list(patterns)
+    try:
+        return [re.compile(p) for p in items]
+    except re.error as exc:
+        raise AdapterError(f"invalid target pattern {items!r}: {exc}") from None
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    """Every wrapped layer of ``model`` with its module name."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            yield name, module
+
+
+def adapter_modules(model: nn.Module, name: str) -> Iterator[tuple[str, AdaptedLayer, AdapterModule]]:
+    """``(layer name, wrapper, module)`` for every layer that carries adapter ``name``."""
+    for layer_name, layer in adapted_layers(model):
+        if name in layer.adapters:
+            yield layer_name, layer, layer.adapters[name]  # type: ignore[misc]
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """All adapter names on the model, in the order they were attached."""
+    seen: dict[str, None] = {}
+    for _, layer in adapted_layers(model):
+        seen.update(dict.fromkeys(layer.adapters))
+    return list(seen)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    seen: dict[str, None] = {}
+    for _, layer in adapted_layers(model):
+        seen.update(dict.fromkeys(layer.active))
+    return list(seen)
+
+
+def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Modules a pattern may select: wrappers and plain modules, never a wrapper's insides."""
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix) for prefix in inside):
+            continue
+        yield name, module
+        if isinstance(module, AdaptedLayer):
+            inside.append(name + ".")
+
+
+def _matches(model: nn.Module, targets: Patterns, exclude: Patterns) -> list[tuple[str, nn.Module]]:
+    include, skip = _compile(targets), _compile(exclude)
+    if not include:
+        raise AdapterError("attach needs a target pattern (a full-match regex over module names)")
+    return [
+        (name, module)
+        for name, module in _candidates(model)
+        if any(p.fullmatch(name) for p in include) and not any(p.fullmatch(name) for p in skip)
+    ]
+
+
+def _no_match_message(model: nn.Module, targets: Patterns) -> str:
+    layers = [n for n, m in _candidates(model) if isinstance(m, (nn.Linear, nn.Conv2d, AdaptedLayer))]
+    shown = ", ".join(layers[:8]) + (" ..." if len(layers) > 8 else "")
+    return (
+        f"target pattern {targets!r} (full match) selected no module of {type(model).__name__}; "
+        f"Linear/Conv2d module names look like: {shown or '(none)'}"
+    )
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def attach(
+    model: nn.Module,
+    method: str | AdapterConfig,
+    targets: Patterns = None,
+    *,
+    name: str = "default",
+    exclude: Patterns = None,
+    **options: Any,
+) -> list[str]:
+    """Add adapter ``name`` of ``method`` to every module whose name full-matches ``targets``.
+
+    ``method`` is a registered method name (``options`` are its config fields) or a ready config.
+    Returns the adapted module names. Afterwards every parameter that is not an adapter parameter
+    is frozen (``requires_grad=False``); the new adapter is trainable and active in addition to
+    the adapters already active. To train e.g. norms too, set their ``requires_grad`` afterwards.
+    Nothing is changed when any matched layer is rejected (unsupported type, rank too large).
+    """
+    config = method if isinstance(method, AdapterConfig) else make_config(method, **options)
+    if isinstance(method, AdapterConfig) and options:
+        raise AdapterError("pass either a config object or keyword options, not both")
+    if not NAME_PATTERN.fullmatch(name):
+        raise AdapterError(f"adapter name {name!r} may only use letters, digits, '_' and '-'")
+    matched = _matches(model, targets, exclude)
+    if not matched:
+        raise AdapterError(_no_match_message(model, targets))
+    unsupported = [
+        f"{n} ({type(m).__name__})"
+        for n, m in matched
+        if not isinstance(m, (nn.Linear, nn.Conv2d, AdaptedLayer))
+    ]
+    if unsupported:
+        raise AdapterError(
+            f"method {config.method!r} cannot adapt {', '.join(unsupported[:5])}: only nn.Linear and "
+            "nn.Conv2d layers can be wrapped; narrow the target pattern"
+        )
+    layers: list[tuple[str, AdaptedLayer, bool]] = []
+    for layer_name, module in matched:  # build everything first: a failure leaves the model untouched
+        is_new = not isinstance(module, AdaptedLayer)
+        layer = AdaptedLayer(module, layer_name) if is_new else module
+        if name in layer.adapters:
+            raise AdapterError(f"{layer_name}: an adapter named {name!r} is already attached")
+        if layer.merged and config.uses_svd:
+            raise AdapterError(f"{layer_name}: unmerge adapters {layer.merged} before attaching {name!r}")
+        layers.append((layer_name, layer, is_new))
+    weights = [layer.geometry.as_matrix(layer.base_layer.weight.detach()) for _, layer, _ in layers]
+    svds = float32_svd_many(weights) if config.uses_svd else [None] * len(layers)
+    built: list[tuple[str, AdaptedLayer, bool, AdapterModule]] = []
+    for (layer_name, layer, is_new), weight, svd in zip(layers, weights, svds):
+        adapter = config.build(layer.geometry, layer_name, weight=weight, svd=svd)
+        adapter.to(device=weight.device)
+        built.append((layer_name, layer, is_new, adapter))
+    for layer_name, layer, is_new, adapter in built:
+        if is_new:
+            _set_submodule(model, layer_name, layer)
+        layer.add(name, adapter)
+    _freeze_base(model)
+    for _, _, _, adapter in built:
+        adapter.requires_grad_(True)
+    hook = getattr(config, "after_attach", None)
+    if hook is not None:
+        hook(model, name)
+    return [layer_name for layer_name, *_ in built]
+
+
+def _freeze_base(model: nn.Module) -> None:
+    adapter_params = {id(p) for _, layer in adapted_layers(model) for p in layer.adapters.parameters()}
+    for p in model.parameters():
+        if id(p) not in adapter_params:
+            p.requires_grad_(False)
+
+
+def _check_names(model: nn.Module, names: Sequence[str]) -> list[str]:
+    names = [names] if isinstance(names, str) else list(names)
+    known = adapter_names(model)
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise AdapterError(f"unknown adapter(s) {missing}; this model has {known}")
+    return names
+
+
+def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make exactly ``names`` take part in forward (on the layers that carry them)."""
+    names = _check_names(model, names)
+    for layer_name, layer in adapted_layers(model):
+        layer.set_active(names, layer_name)
+
+
+def set_trainable(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Adapters in ``names`` get ``requires_grad=True``, every other adapter is frozen (base untouched)."""
+    names = _check_names(model, names)
+    for _, layer in adapted_layers(model):
+        for adapter_name, adapter in layer.adapters.items():
+            adapter.requires_grad_(adapter_name in names)
+
+
+def detach(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` (unmerging it first); layers left without adapters are unwrapped."""
+    _check_names(model, [name])
+    for layer_name, layer in list(adapted_layers(model)):
+        if name in layer.adapters:
+            layer.remove(name)
+        if not len(layer.adapters):
+            _set_submodule(model, layer_name, layer.base_layer)
+
+
+def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> list[str]:
+    """Add ΔW of ``names`` (default: the active adapters) into the base weights, in float32.
+
+    Merged adapters cost nothing in forward. Returns the adapter names that were merged.
+    """
+    chosen = active_adapters(model) if names is None else _check_names(model, names)
+    done: dict[str, None] = {}
+    for _, layer in adapted_layers(model):
+        done.update(dict.fromkeys(layer.merge([n for n in chosen if n in layer.adapters])))
+    for _, layer in adapted_layers(model):  # an explicitly merged adapter must also be active
+        for n in layer.merged:
+            if n not in layer.active:
+                layer.active.append(n)
+        layer._refresh()
+    return list(done)
+
+
+def unmerge(model: nn.Module, names: str | Sequence[str] | None = None) -> list[str]:
+    """Subtract merged ΔW again (all merged adapters by default). Returns the names unmerged."""
+    chosen = None if names is None else _check_names(model, names)
+    done: dict[str, None] = {}
+    for _, layer in adapted_layers(model):
+        done.update(dict.fromkeys(layer.unmerge(chosen)))
+    return list(done)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, Any]:
+    """``{"trainable", "total", "share", "per_adapter"}`` (the share is trainable / total, HF-PEFT style).
+
+    ``per_adapter[name]`` counts all parameters that adapter owns, trainable or frozen right now
+    (the numbers METHODS.md's formulas give); ``trainable`` counts ``requires_grad`` parameters
+    of the whole model (adapters plus anything the caller unfroze).
+    """
+    seen: set[int] = set()
+    total = trainable = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    per_adapter: dict[str, int] = {}
+    for _, layer in adapted_layers(model):
+        for adapter_name, adapter in layer.adapters.items():
+            per_adapter[adapter_name] = per_adapter.get(adapter_name, 0) + adapter.num_parameters()
+    return {
+        "trainable": trainable,
+        "total": total,
+        "share": trainable / total if total else 0.0,
+        "per_adapter": per_adapter,
+    }
+
+
+def regularization(model: nn.Module, names: str | Sequence[str] | None = None) -> torch.Tensor:
+    """Sum of the methods' training penalties (SALT ``reg``, OWLoRA orthogonality) over layers.
+
+    Default: every adapter that has trainable parameters. Returns a 0-dim tensor (0 if none).
+    """
+    chosen = None if names is None else _check_names(model, names)
+    terms: list[torch.Tensor] = []
+    for _, layer in adapted_layers(model):
+        for adapter_name, adapter in layer.adapters.items():
+            wanted = chosen is None and any(p.requires_grad for p in adapter.parameters())
+            if wanted or (chosen is not None and adapter_name in chosen):
+                term = adapter.regularization()
+                if term is not None:
+                    terms.append(term)
+    if not terms:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        return torch.zeros((), device=device)
+    return torch.stack(terms).sum()

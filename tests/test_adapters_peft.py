@@ -1,0 +1,84 @@
+"""Our LoRA against HF peft's LoRA (test-only reference) given the same A and B."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import pathopeft.adapters as pa
+
+peft = pytest.importorskip("peft")
+timm = pytest.importorskip("timm")
+
+TARGETS = r"blocks\.\d+\.attn\.(qkv|proj)"
+
+
+def build_pair(model: torch.nn.Module, targets: str, rank: int, alpha: float):
+    ours = copy.deepcopy(model)
+    theirs = peft.get_peft_model(
+        copy.deepcopy(model),
+        peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0),
+    )
+    names = pa.attach(ours, "lora", targets=targets, rank=rank, alpha=alpha)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name in names:
+            peft_layer = theirs.base_model.model.get_submodule(name)
+            a_weight = peft_layer.lora_A["default"].weight
+            b_weight = peft_layer.lora_B["default"].weight
+            b_weight.copy_(torch.randn(b_weight.shape, generator=generator) * 0.05)  # non-zero B
+            adapter = ours.get_submodule(name).adapters["default"]
+            adapter.lora_A.copy_(a_weight.reshape(adapter.lora_A.shape))
+            adapter.lora_B.copy_(b_weight.reshape(adapter.lora_B.shape))
+    return ours, theirs, names
+
+
+def test_lora_matches_peft_on_vit_outputs_grads_and_merge() -> None:
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, num_classes=4)
+    ours, theirs, names = build_pair(vit, TARGETS, rank=4, alpha=16.0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))  # bit for bit: same ops in the same order
+    ours(x).square().sum().backward()
+    theirs(x).square().sum().backward()
+    for name in names:
+        ad = ours.get_submodule(name).adapters["default"]
+        ref = theirs.base_model.model.get_submodule(name)
+        torch.testing.assert_close(ad.lora_A.grad, ref.lora_A["default"].weight.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(ad.lora_B.grad, ref.lora_B["default"].weight.grad, rtol=1e-5, atol=1e-7)
+    trainable, _ = theirs.get_nb_trainable_parameters()  # same trainable count as peft reports
+    assert pa.trainable_parameters(ours)["per_adapter"]["default"] == trainable
+    pa.merge(ours)
+    merged = theirs.merge_and_unload()
+    for name in names:
+        assert torch.equal(ours.get_submodule(name).base_layer.weight, merged.get_submodule(name).weight)
+
+
+def test_lora_matches_peft_init_distribution_and_conv() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(4, 8, 3, stride=2, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 6, 1)
+    )
+    ours, theirs, names = build_pair(net, r"0|2", rank=2, alpha=4.0)
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+    pa.merge(ours)
+    merged = theirs.merge_and_unload()
+    for name in names:
+        torch.testing.assert_close(
+            ours.get_submodule(name).base_layer.weight,
+            merged.get_submodule(name).weight,
+            rtol=1e-5,
+            atol=1e-7,
+        )
+    # the same init: peft's kaiming_uniform(a=√5) bound for A, zeros for B
+    fresh = copy.deepcopy(net)
+    pa.attach(fresh, "lora", targets=r"0", rank=2)
+    adapter = fresh[0].adapters["default"]
+    bound = 1.0 / (4 * 3 * 3) ** 0.5
+    assert adapter.lora_A.abs().max() <= bound and adapter.lora_A.abs().max() > 0.5 * bound
+    assert torch.count_nonzero(adapter.lora_B) == 0
