@@ -17,6 +17,7 @@ from pathopeft import __version__
 # command name -> "module:attribute" (a click.Command). Register only commands that work.
 COMMANDS: dict[str, str] = {
     "synth": "pathopeft.cli.synth:synth",
+    "segment": "pathopeft.cli.segment:segment",
 }
 
 
