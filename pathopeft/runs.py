@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 import shutil
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,10 @@ def build_trainer(
     """
     run_dir = Path(run_dir)
     kwargs = validate_trainer_kwargs(trainer_kwargs)
+    # prepare_run_dir already wrote config.yaml and plots/ there on purpose; Lightning's
+    # "exists and is not empty" warnings would only alarm users about files it never deletes.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     all_callbacks: list[Any] = list(callbacks)
     if enable_checkpointing:
         checkpoint = ModelCheckpoint(
