@@ -16,6 +16,7 @@ from pathopeft import __version__
 
 # command name -> "module:attribute" (a click.Command). Register only commands that work.
 COMMANDS: dict[str, str] = {
+    "tile": "pathopeft.cli.tile:tile",
     "synth": "pathopeft.cli.synth:synth",
     "segment": "pathopeft.cli.segment:segment",
 }

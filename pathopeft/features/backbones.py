@@ -1,0 +1,280 @@
+"""Tile encoders: any timm model, with weights from the hub, a local file, or a seeded random init.
+
+Why timm for everything: one factory (``timm.create_model(name, num_classes=0)``) gives every
+ImageNet CNN/ViT and the pathology foundation models published on the Hugging Face hub
+(``hf-hub:MahmoodLab/uni`` ...), each with its own preprocessing (``pretrained_cfg`` mean/std,
+input size), so the features match what the model was trained on.
+
+Weights are never loaded by unpickling code: safetensors, or ``torch.load(weights_only=True)``.
+A :class:`Backbone` carries a ``weights_id`` (``sha256:<hex>`` of a local file, ``hub:<name>``, or
+``random:<seed>``) that ends up in every feature bag, so a later run knows what made them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pathopeft.files import sha256_file
+
+__all__ = [
+    "Backbone",
+    "BackboneError",
+    "OfflineHubError",
+    "backbone_dirname",
+    "build_backbone",
+    "load_weights_file",
+    "match_state_dict",
+]
+
+log = logging.getLogger(__name__)
+
+# Checkpoint wrappers seen in the wild: Lightning ("state_dict"), DINO/iBOT ("teacher", "student"),
+# timm train script ("state_dict_ema"), plain dicts ("model"). Unwrapped in this order.
+_WRAPPER_KEYS = ("state_dict", "model", "teacher", "state_dict_ema", "module")
+# Prefixes added by DDP / Lightning / SSL frameworks around the encoder, stripped when that helps.
+_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "trunk.", "teacher.", "student.", "net.")
+
+
+class BackboneError(ValueError):
+    """The backbone cannot be built as asked (unknown name, bad weights file, key mismatch)."""
+
+
+class OfflineHubError(BackboneError):
+    """Pretrained weights were requested but the hub cannot be reached."""
+
+
+@dataclass
+class Backbone:
+    """A feature extractor and what is needed to feed it and to record where it came from."""
+
+    name: str
+    model: nn.Module
+    weights_id: str  # "sha256:<hex>" | "hub:<name>" | "random:<seed>"
+    input_size: tuple[int, int]  # (H, W) the model expects when ``resize_to="model"``
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    dim: int = 0
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dirname(self) -> str:
+        return backbone_dirname(self.name)
+
+
+def backbone_dirname(name: str) -> str:
+    """A folder name for a backbone (``hf-hub:MahmoodLab/uni`` → ``hf-hub_MahmoodLab_uni``)."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("_") or "backbone"
+
+
+def build_backbone(
+    name: str,
+    *,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    seed: int = 0,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> Backbone:
+    """Build ``name`` (any timm model) in eval mode with its classifier removed (``num_classes=0``).
+
+    Weight source, in priority order: ``weights`` (a local safetensors / state-dict file; every
+    key must match), else ``pretrained`` (the hub; offline → :class:`OfflineHubError` saying what
+    to pass instead), else a random init seeded with ``seed`` (identical on every rank).
+    """
+    import timm
+
+    kwargs = dict(model_kwargs or {})
+    kwargs.setdefault("num_classes", 0)
+    if not name.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.is_model(name):
+        close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=6, cutoff=0.7)
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise BackboneError(f"unknown timm model {name!r}{hint}")
+
+    if weights is not None:
+        model = _create(name, False, kwargs)
+        weights = Path(weights)
+        state = load_weights_file(weights)
+        match_state_dict(model, state, source=str(weights))
+        weights_id = f"sha256:{sha256_file(weights)}"
+    elif pretrained:
+        model = _create(name, True, kwargs)
+        weights_id = f"hub:{name}"
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _create(name, False, kwargs)
+        weights_id = f"random:{seed}"
+    model.eval().requires_grad_(False)
+    return Backbone(
+        name=name,
+        model=model,
+        weights_id=weights_id,
+        model_kwargs={k: v for k, v in kwargs.items() if k != "num_classes"},
+        dim=int(getattr(model, "num_features", 0) or 0),
+        **_preprocessing(model, kwargs),
+    )
+
+
+def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as exc:  # a model_kwargs key the architecture does not take
+        raise BackboneError(f"{name}: invalid model_kwargs {kwargs}: {exc}") from None
+    except Exception as exc:
+        if not _is_network_error(exc):
+            raise BackboneError(f"{name}: cannot build the model: {type(exc).__name__}: {exc}") from exc
+        if pretrained:
+            raise OfflineHubError(
+                f"{name}: pretrained weights could not be downloaded from the hub ({type(exc).__name__}: "
+                "offline, unreachable, or a gated model without `hf auth login`). Pass --weights PATH "
+                "(a local .safetensors/.pth/.bin file for this architecture) or --no-pretrained "
+                "(random init, for testing)."
+            ) from None
+        raise OfflineHubError(
+            f"{name}: the model's config could not be fetched from the hub ({type(exc).__name__}). "
+            "Offline, name the timm architecture instead (e.g. vit_large_patch16_224 with "
+            "features.model_kwargs) and pass --weights PATH."
+        ) from None
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """Hub/URL failures (offline, DNS, gated repo without token, missing cache) vs real bugs."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    network = {
+        "OSError",  # LocalEntryNotFoundError, URLError, ConnectionError, HfHubHTTPError's bases
+        "HfHubHTTPError",
+        "OfflineModeIsEnabled",
+        "ConnectionError",
+        "TimeoutError",
+        "URLError",
+        "HTTPError",
+    }
+    return bool(names & network)
+
+
+def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A flat ``{key: tensor}`` state dict from safetensors or a torch file (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BackboneError(
+            f"{path}: cannot read weights ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); "
+            "expected safetensors or a torch state dict of tensors (loaded with weights_only=True)"
+        ) from None
+    for _ in range(3):  # unwrap nested checkpoint containers
+        if isinstance(obj, Mapping):
+            inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+            if inner is not None and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+                obj = inner
+                continue
+        break
+    if not isinstance(obj, Mapping) or not obj:
+        raise BackboneError(f"{path}: not a state dict (got {type(obj).__name__})")
+    state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise BackboneError(f"{path}: the file holds no tensors")
+    return state
+
+
+def match_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Load ``state`` into ``model`` strictly, after stripping wrapper prefixes and classifier keys.
+
+    Any missing or unexpected key, or a shape mismatch, raises :class:`BackboneError` naming the
+    first offenders: features from a half-loaded encoder would look fine and be garbage.
+    """
+    expected = model.state_dict()
+    state = _strip_prefixes(dict(state), set(expected))
+    classifier = _classifier_prefixes(model)
+    dropped = [k for k in state if k not in expected and k.startswith(classifier)]
+    for key in dropped:
+        del state[key]
+    if dropped:
+        log.info("%s: ignoring %d classifier-head tensors (features use num_classes=0)", source, len(dropped))
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(state) & set(expected))
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s) (e.g. {', '.join(missing[:5])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s) (e.g. {', '.join(unexpected[:5])})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es) (e.g. {'; '.join(mismatched[:3])})")
+    if problems:
+        raise BackboneError(
+            f"{source}: the weights do not fit this architecture: {'; '.join(problems)}. "
+            "Check --backbone (and features.model_kwargs) match the checkpoint."
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Strip a wrapper prefix shared by the keys as long as that makes more keys match."""
+    for _ in range(4):
+        best, best_hits = None, sum(k in expected for k in state)
+        for prefix in _PREFIXES:
+            stripped = {k.removeprefix(prefix): v for k, v in state.items()}
+            hits = sum(k in expected for k in stripped)
+            if hits > best_hits:
+                best, best_hits = stripped, hits
+        if best is None:
+            return state
+        state = best
+    return state
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    classifier = cfg.get("classifier") or ("head", "fc")
+    names = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    return tuple(f"{n}." for n in names)
+
+
+def _preprocessing(model: nn.Module, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Mean/std/interpolation from the model's own timm data config; the input size it really takes.
+
+    ``resolve_model_data_config`` reports the pretrained config's input size (224 for most ViTs)
+    even when the model was built with another ``img_size``; the built patch embedding wins.
+    """
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)
+    size = tuple(int(v) for v in cfg["input_size"][-2:])
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    if "img_size" in kwargs and kwargs["img_size"] is not None:
+        value = kwargs["img_size"]
+        size = (int(value), int(value)) if isinstance(value, int) else tuple(int(v) for v in value)[-2:]
+    elif img_size is not None:
+        size = (int(img_size[0]), int(img_size[1])) if not isinstance(img_size, int) else (img_size, img_size)
+    mean = tuple(float(v) for v in cfg["mean"])
+    std = tuple(float(v) for v in cfg["std"])
+    return {
+        "input_size": (int(size[0]), int(size[1])),
+        "mean": mean,
+        "std": std,
+        "interpolation": str(cfg.get("interpolation", "bicubic")),
+    }

@@ -1,0 +1,196 @@
+"""``run_tile``: the whole ``pathopeft tile`` stage — discover, shard across ranks, process, manifest.
+
+One process per device (Lightning Fabric); rank ``r`` of ``W`` processes slides ``r::W`` and
+writes their outputs itself (atomically); rank 0 gathers every rank's manifest rows and writes
+``manifest.csv``, merged with the rows of earlier runs for slides this run did not touch. The
+outputs are the same whatever the number of devices. A run that is interrupted leaves the
+previous manifest; the rerun skips the slides finished meanwhile (their outputs are complete and
+fingerprinted) and writes the full manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from pathopeft.config import ConfigError
+from pathopeft.config.tile import TileConfig
+from pathopeft.features.backbones import Backbone, backbone_dirname, build_backbone
+from pathopeft.features.extract import FeatureExtractor
+from pathopeft.features.manifest import SlideRecord, merge_records, read_manifest, write_manifest
+from pathopeft.features.processor import OutputLayout, SlideProcessor
+from pathopeft.features.runtime import Runtime
+from pathopeft.files import remove_stale_partials
+
+__all__ = ["TileSummary", "run_tile"]
+
+log = logging.getLogger(__name__)
+
+_LISTED = 20  # failed/empty slides listed in the summary (all are in the manifest)
+
+
+@dataclass
+class TileSummary:
+    """What a run did (all ranks' slides), for the end-of-run report and the exit status."""
+
+    records: list[SlideRecord]
+    seconds: float
+    out_dir: Path
+    world_size: int = 1
+    rank: int = 0
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self.counts = Counter(r.status for r in self.records)
+
+    @property
+    def n_tiles(self) -> int:
+        return sum(r.n_tiles for r in self.records if r.status == "ok")
+
+    @property
+    def n_reused(self) -> int:
+        return sum(r.reused for r in self.records)
+
+    def exit_code(self, strict: bool = False) -> int:
+        """0 success (some failed slides are fine), 1 when every slide failed or --strict and any did."""
+        errors = self.counts["error"]
+        if self.records and errors == len(self.records):
+            return 1
+        return 1 if strict and errors else 0
+
+    def describe(self) -> str:
+        c = self.counts
+        lines = [
+            f"{len(self.records)} slide(s) in {self.seconds:.1f} s: {c['ok']} ok ({self.n_reused} reused), "
+            f"{c['empty']} empty, {c['error']} error; {self.n_tiles} tiles -> {self.out_dir}",
+        ]
+        failed = [r for r in self.records if r.status != "ok"]
+        for rec in failed[:_LISTED]:
+            lines.append(f"  {rec.status:5s} {rec.slide_id}: {rec.error}")
+        if len(failed) > _LISTED:
+            lines.append(f"  ... and {len(failed) - _LISTED} more (see {self.out_dir / 'manifest.csv'})")
+        return "\n".join(lines)
+
+
+def run_tile(inputs: Sequence[str | Path], config: TileConfig) -> TileSummary:
+    """Tile (and encode) every slide found in ``inputs`` (folders, files, CSVs) per ``config``."""
+    start = time.perf_counter()
+    run = config.run
+    # usage problems (devices, inputs) and the encoder fail fast, before any process is spawned
+    runtime = Runtime(run.accelerator, run.devices, run.num_nodes, run.strategy, run.precision)
+    sources = discover(inputs)
+    backbone = _build_backbone(config) if config.features.enabled else None
+    runtime.launch()
+    if runtime.world_size > 1 and runtime.device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // run.devices))
+
+    name = config.features.name or backbone_dirname(config.features.backbone)
+    layout = OutputLayout(Path(config.output.dir), name if backbone is not None else None)
+    if runtime.is_zero:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        removed = remove_stale_partials(layout.root)
+        if removed:
+            log.info("removed %d partial file(s) left by an interrupted run in %s", removed, layout.root)
+    runtime.barrier("tile-setup")
+
+    extractor = None
+    if backbone is not None:
+        extractor = FeatureExtractor(
+            backbone,
+            device=runtime.device,
+            autocast=runtime.autocast,
+            precision=runtime.precision,
+            batch_size=config.features.batch_size,
+            num_workers=config.features.num_workers,
+            resize_to=config.features.resize_to,
+        )
+    processor = SlideProcessor(config, layout, extractor)
+    mine = runtime.shard(sources)
+    records = _process_all(processor, mine, show=config.output.progress and runtime.is_zero, rank=runtime)
+
+    gathered = [rec for part in runtime.gather(records) for rec in part]
+    order = {s.slide_id: i for i, s in enumerate(sources)}
+    gathered.sort(key=lambda r: order.get(r.slide_id, len(order)))
+    if runtime.is_zero:
+        write_manifest(layout.manifest, merge_records(read_manifest(layout.manifest), gathered))
+    runtime.barrier("tile-manifest")
+    return TileSummary(gathered, time.perf_counter() - start, layout.root, runtime.world_size, runtime.rank)
+
+
+def discover(inputs: Sequence[str | Path]) -> list[Any]:
+    """Slide sources from folders / files / CSVs (``pathopeft.wsi.discover_slides``).
+
+    Bad inputs (a missing folder, a CSV without 'path', duplicate slide ids) are a
+    :class:`~pathopeft.config.ConfigError` (exit 2); a missing file listed in a CSV is not: it
+    becomes that slide's ``error`` row.
+    """
+    from pathopeft.wsi import discover_slides
+
+    if not inputs:
+        raise ConfigError("no SLIDES given: pass a folder, slide files, or a CSV with a 'path' column")
+    sources = list(discover_slides(list(inputs)))
+    if not sources:
+        raise ConfigError(f"no slides found in {', '.join(str(p) for p in inputs)}")
+    return sources
+
+
+def _build_backbone(config: TileConfig) -> Backbone:
+    f = config.features
+    return build_backbone(
+        f.backbone, pretrained=f.pretrained, weights=f.weights, seed=f.seed, model_kwargs=f.model_kwargs
+    )
+
+
+def _process_all(
+    processor: SlideProcessor, sources: list[Any], *, show: bool, rank: Runtime
+) -> list[SlideRecord]:
+    """Process this rank's slides under a progress bar (tiles/s in the postfix)."""
+    desc = "tile" if rank.world_size == 1 else f"tile [rank 0/{rank.world_size}]"
+    bar = tqdm(total=len(sources), desc=desc, unit="slide", disable=not show, dynamic_ncols=True)
+    started = time.perf_counter()
+    tiles = 0
+    status: Counter[str] = Counter()
+    last_refresh = started
+
+    def on_tiles(n: int) -> None:
+        nonlocal tiles, last_refresh
+        tiles += n
+        now = time.perf_counter()
+        refresh = now - last_refresh >= 1.0  # show progress inside long slides, at most once a second
+        if refresh:
+            last_refresh = now
+        bar.set_postfix(_postfix(tiles, started, status), refresh=refresh)
+
+    records = []
+    try:
+        for source in sources:
+            bar.set_description_str(f"{desc} {source.slide_id}"[:60], refresh=False)
+            rec = processor.process(source, on_tiles=on_tiles)
+            if processor.extractor is None and not rec.reused:
+                tiles += rec.n_tiles  # tiling only: tiles gridded per second
+            status[rec.status] += 1
+            records.append(rec)
+            bar.set_postfix(_postfix(tiles, started, status), refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+    return records
+
+
+def _postfix(tiles: int, started: float, status: Counter[str]) -> dict[str, str]:
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    return {
+        "tiles/s": f"{tiles / elapsed:.0f}",
+        "ok": str(status["ok"]),
+        "empty": str(status["empty"]),
+        "error": str(status["error"]),
+    }
