@@ -18,6 +18,8 @@ from pathopeft import __version__
 COMMANDS: dict[str, str] = {
     "tile": "pathopeft.cli.tile:tile",
     "synth": "pathopeft.cli.synth:synth",
+    "train": "pathopeft.cli.train:train",
+    "manifest": "pathopeft.cli.manifest:manifest",
     "segment": "pathopeft.cli.segment:segment",
 }
 

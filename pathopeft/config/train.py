@@ -1,0 +1,243 @@
+"""Schema of ``pathopeft train CONFIG``: multiple-instance learning on feature bags.
+
+Sections: ``data`` (manifest, bags, classes, tile labels), ``model`` (``model.name`` picks the
+model; each model reads its own options section, e.g. ``model.comel``), ``optimizer``, ``schedule``, ``bppl``
+(CoMEL's instance loss), ``evaluation``, ``trainer`` (passed to ``lightning.Trainer``), ``run``
+(output folder) and ``seed``. Defaults follow the published CoMEL setup (METHODS.md): Adam lr 1e-4,
+weight decay 1e-5, cosine schedule, 100 epochs, one bag per step. Relative paths are relative to
+the current directory (where ``pathopeft tile`` wrote ``tiles/``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pathopeft.config.base import StrictModel
+
+__all__ = [
+    "MODEL_SECTIONS",
+    "ABMILOptions",
+    "BPPLConfig",
+    "CoMELOptions",
+    "DataConfig",
+    "EvaluationConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "RunConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "TransMILOptions",
+]
+
+DEFAULT_TRAINER: dict[str, Any] = {
+    "max_epochs": 100,  # published CoMEL setup
+    "accelerator": "auto",
+    "devices": 1,
+    "precision": "32-true",
+    "log_every_n_steps": 10,
+}
+
+
+class DataConfig(StrictModel):
+    """Which slides, with which labels and splits, and where their feature bags are."""
+
+    manifest: list[str] = Field(
+        default_factory=lambda: ["data_manifests/camelyon16_train.csv"],
+        description="CSV(s) with slide_id,label[,split|fold]; several are concatenated",
+    )
+    features_dir: str = Field(
+        "tiles/features",
+        description="folder of bags (<slide_id>.h5/.pt, CLAM h5_files/ pt_files/), or its parent "
+        "holding one <backbone>/ subfolder (the default `pathopeft tile` layout)",
+    )
+    backbone: str | None = Field(None, description="subfolder of features_dir; null = the only one there")
+    coords_dir: str | None = Field(
+        "tiles/coords", description="tile coordinates/attrs (<slide_id>.h5) for bags without them; optional"
+    )
+    classes: list[str] = Field(default_factory=lambda: ["normal", "tumor"], min_length=2)
+    task: str = Field("camelyon16", description="task name: the classifier head's key in the checkpoint")
+    negative_class: int | str | None = Field(
+        0,
+        description="class (index or name) of negative bags: no BPPL loss, all-zero tile labels; "
+        "null = no negative class (every class holds tumour)",
+    )
+    annotations: str | None = Field(
+        None, description="folder of <slide_id>.xml|.geojson tumour annotations → tile labels"
+    )
+    tile_label_threshold: float = Field(0.5, ge=0.0, le=1.0, description="tumour share of a tile's area")
+    fold: int | None = Field(None, description="with a fold column: this fold is validation, others train")
+    val_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="stratified share of train carved out when no val rows exist"
+    )
+    allow_missing: bool = Field(False, description="skip slides without a readable bag (with a warning)")
+    max_instances_train: int | None = Field(
+        None, ge=1, description="random subset of tiles per training step for huge bags; null = all"
+    )
+    batch_size: int = Field(1, ge=1, description="bags per step (padded + masked when > 1)")
+    num_workers: int = Field(0, ge=0)
+
+    @field_validator("manifest", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        lowered = [c.lower() for c in value]
+        if len(set(lowered)) != len(lowered):
+            raise ValueError(f"class names must differ (case-insensitively): {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _negative_in_classes(self) -> DataConfig:
+        if self.negative_class is not None:
+            self.negative_index()
+        return self
+
+    def negative_index(self) -> int | None:
+        """The negative class as an index into ``classes`` (None when there is none)."""
+        neg = self.negative_class
+        if neg is None:
+            return None
+        if isinstance(neg, int):
+            if not 0 <= neg < len(self.classes):
+                raise ValueError(f"negative_class {neg} is not an index into classes {self.classes}")
+            return neg
+        lowered = [c.lower() for c in self.classes]
+        if neg.lower() not in lowered:
+            raise ValueError(f"negative_class {neg!r} is not one of classes {self.classes}")
+        return lowered.index(neg.lower())
+
+
+class CoMELOptions(StrictModel):
+    """CoMEL: GDAT encoder + ABMIL pooling (METHODS.md)."""
+
+    embed_dim: int = 512
+    depth: int = Field(2, ge=1)
+    heads: int = Field(8, ge=1)
+    mlp_ratio: float = 4.0
+    dropout: float = Field(0.25, ge=0.0, lt=1.0, description="after the input Linear+ReLU")
+    block_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="inside the transformer blocks")
+    groups: int = Field(256, ge=1, description="G agent tokens")
+    grouping: Literal["order", "coords"] = Field("order", description="file order (published) or spatial")
+    attn_hidden: int = 256
+    grad_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="recompute blocks in backward (less memory); auto = for bags ≥ 16384 tiles"
+    )
+
+
+class ABMILOptions(StrictModel):
+    """ABMIL baseline options (shared by ``abmil`` and ``abmil_gated``)."""
+
+    embed_dim: int = 512
+    dropout: float = Field(0.25, ge=0.0, lt=1.0)
+    attn_hidden: int = 256
+    attn_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class TransMILOptions(StrictModel):
+    """TransMIL baseline options (Nyström attention + PPEG)."""
+
+    embed_dim: int = 512
+    heads: int = Field(8, ge=1)
+    landmarks: int = Field(256, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+# model name -> the options section it reads (abmil and abmil_gated differ only in the gate)
+MODEL_SECTIONS: dict[str, str] = {
+    "comel": "comel",
+    "abmil": "abmil",
+    "abmil_gated": "abmil",
+    "transmil": "transmil",
+}
+
+
+class ModelConfig(StrictModel):
+    """The MIL model: ``name`` picks one; each model reads its own options section.
+
+    Every section keeps its defaults, so ``--set model.name=transmil`` switches models cleanly and
+    ``--set model.comel.grouping=coords`` tunes CoMEL without touching the others.
+    """
+
+    name: Literal["comel", "abmil", "abmil_gated", "transmil"] = "comel"
+    in_dim: int | None = Field(None, ge=1, description="feature size; null = read from the bags")
+    comel: CoMELOptions = Field(default_factory=CoMELOptions)
+    abmil: ABMILOptions = Field(default_factory=ABMILOptions)
+    transmil: TransMILOptions = Field(default_factory=TransMILOptions)
+
+    def options(self) -> dict[str, Any]:
+        """The selected model's options as plain keyword arguments."""
+        return getattr(self, MODEL_SECTIONS[self.name]).model_dump()
+
+
+class OptimizerConfig(StrictModel):
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+
+
+class ScheduleConfig(StrictModel):
+    """Learning-rate schedule, stepped once per epoch."""
+
+    name: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0, description="linear warm-up before the cosine decay")
+    min_lr: float = Field(0.0, ge=0)
+
+
+class BPPLConfig(StrictModel):
+    """Bag-prototype pseudo-labelling (METHODS.md, CoMEL); used by every model when enabled."""
+
+    enabled: bool = True
+    weight: float = Field(1.0, ge=0, description="total loss = CE_bag + weight · L_BPPL")
+    tau1: float = Field(0.95, ge=0, le=1, description="bag confidence needed for pseudo-labels")
+
+
+class EvaluationConfig(StrictModel):
+    instance_threshold: float = Field(0.5, ge=0, le=1, description="min–max score ≥ this = tumour tile")
+    write_predictions: bool = Field(True, description="per-tile test predictions in predictions/")
+
+
+class RunConfig(StrictModel):
+    name: str = "comel_camelyon16"
+    root: str = "runs"
+    overwrite: bool = False
+    monitor: str = Field("val/loss", description="metric that picks best.ckpt")
+    monitor_mode: Literal["min", "max"] = "min"
+
+
+class TrainConfig(StrictModel):
+    """Everything ``pathopeft train`` needs."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    bppl: BPPLConfig = Field(default_factory=BPPLConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    trainer: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_TRAINER))
+    run: RunConfig = Field(default_factory=RunConfig)
+    seed: int = 0
+
+    @field_validator("trainer", mode="before")
+    @classmethod
+    def _merge_trainer_defaults(cls, value: Any) -> Any:
+        """Keys given by the user replace the defaults one by one (``--set trainer.devices=2``)."""
+        if value is None:
+            return dict(DEFAULT_TRAINER)
+        if not isinstance(value, dict):
+            raise ValueError("trainer must be a mapping of lightning.Trainer arguments")
+        return {**DEFAULT_TRAINER, **value}
+
+    @field_validator("trainer")
+    @classmethod
+    def _valid_trainer(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from pathopeft.runs import validate_trainer_kwargs
+
+        try:
+            return validate_trainer_kwargs(value)
+        except Exception as exc:  # ConfigError → a pydantic error with the key's path
+            raise ValueError(str(exc)) from None
