@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 import shutil
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -136,24 +137,27 @@ def plot_learning_curves(metrics_csv: str | Path, out_png: str | Path) -> Path |
     if "epoch" not in frame.columns or frame.empty:
         return None
     columns = [c for c in frame.columns if c not in {"epoch", "step"} and frame[c].notna().any()]
+    # learning rates are not curves of quality; test metrics are one point after training
+    columns = [c for c in columns if not c.startswith(("lr", "test/", "test_"))]
     if not columns:
         return None
-    losses = [c for c in columns if "loss" in c]
-    others = [c for c in columns if c not in losses and not c.startswith("lr")]
-    panels: list[list[str]] = ([losses] if losses else []) + [[c] for c in others]
+    # One panel per metric, its splits overlaid: train/loss and val/loss share the "loss" panel.
+    panels: dict[str, list[str]] = {}
+    for column in columns:
+        panels.setdefault(column.split("/", 1)[-1], []).append(column)
     n = len(panels)
     ncols = min(3, n)
     nrows = math.ceil(n / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
-    for ax, group in zip(axes.flat, panels):
+    for ax, (title, group) in zip(axes.flat, sorted(panels.items(), key=lambda kv: "loss" not in kv[0])):
         for column in group:
             series = frame[["epoch", column]].dropna().groupby("epoch")[column].mean()
             ax.plot(series.index, series.values, marker="o", markersize=3, label=column)
         ax.set_xlabel("epoch")
-        ax.set_title("loss" if group is losses else group[0], fontsize=10)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        if len(group) > 1:
-            ax.legend(fontsize=7)
+        ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.tight_layout()
@@ -165,19 +169,26 @@ def plot_learning_curves(metrics_csv: str | Path, out_png: str | Path) -> Path |
 
 
 class LearningCurves(Callback):
-    """Redraws ``plots/learning_curves.png`` after each validation and at the end (rank 0 only)."""
+    """Redraws ``plots/learning_curves.png`` after validations (throttled) and at the end (rank 0 only)."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, min_interval_s: float = 60.0) -> None:
         self.run_dir = Path(run_dir)
+        # Drawing a dozen panels costs seconds; on short epochs redraw at most this often.
+        self.min_interval_s = min_interval_s
+        self._last_draw = -math.inf
 
-    def _draw(self, trainer: lightning.Trainer) -> None:
+    def _draw(self, trainer: lightning.Trainer, *, force: bool) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking or trainer.logger is None:
             return
+        now = time.monotonic()
+        if not force and now - self._last_draw < self.min_interval_s:
+            return
+        self._last_draw = now
         trainer.logger.save()
         plot_learning_curves(self.run_dir / "metrics.csv", self.run_dir / "plots" / "learning_curves.png")
 
     def on_validation_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
-        self._draw(trainer)
+        self._draw(trainer, force=False)
 
     def on_train_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
-        self._draw(trainer)
+        self._draw(trainer, force=True)
