@@ -125,6 +125,15 @@ def test_extract_equals_direct_forward(slide) -> None:
     np.testing.assert_allclose(ex2.extract(slide, COORDS, 0, 32, 32), feats, rtol=1e-5, atol=1e-5)
 
 
+def test_small_slides_are_split_across_all_workers() -> None:
+    bb = build_backbone("resnet18", pretrained=False, seed=1)
+    ex = FeatureExtractor(bb, batch_size=256, num_workers=12)
+    assert ex.loader_batch_size(900) == 75  # 12 batches: every worker reads
+    assert ex.loader_batch_size(50_000) == 256  # big slides: full batches
+    assert ex.loader_batch_size(5) == 1
+    assert FeatureExtractor(bb, batch_size=64, num_workers=0).loader_batch_size(900) == 64
+
+
 def test_extract_resizes_to_model_input(slide) -> None:
     bb = build_backbone("vit_tiny_patch16_224", pretrained=False, model_kwargs={"img_size": 48})
     ex = FeatureExtractor(bb, batch_size=4, num_workers=0)  # resize_to="model"

@@ -8,6 +8,7 @@ device (see :mod:`pathopeft.features.dataset`).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -88,6 +89,15 @@ class FeatureExtractor:
             input_size=self.out_size(tile_px) if self.device.type == "cpu" else None,
         )
 
+    def loader_batch_size(self, n_tiles: int) -> int:
+        """Tiles per loader batch: ``batch_size``, but small enough that every worker gets a share.
+
+        Each worker reads whole batches; a biopsy of 900 tiles in batches of 256 would keep only 4
+        of 12 workers busy while the GPU waits. Big slides are unaffected.
+        """
+        workers = max(1, self.num_workers)
+        return max(1, min(self.batch_size, math.ceil(n_tiles / workers)))
+
     @torch.inference_mode()
     def encode(self, tiles: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """``(B, H, W, 3)`` uint8, resized to ``size`` = ``(w, h)`` if needed and normalised on the
@@ -122,7 +132,7 @@ class FeatureExtractor:
             return np.zeros((0, self.backbone.dim), dtype=np.float32)
         loader = make_tile_loader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=self.loader_batch_size(len(dataset)),
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
         )
