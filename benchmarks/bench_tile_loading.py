@@ -20,12 +20,19 @@ worker counts, steady state. Measurements are interleaved and the best of ``--re
 Slides: a synthetic pyramidal JPEG TIFF (generic-tiff) and, when ../shared/data is present, the
 real Aperio SVS.
 
+Cohort of small slides (biopsies): ``--cohort-slides`` slides of ``--cohort-tiles`` tiles each,
+read (GPU path) by a new DataLoader per slide (fresh workers per slide: the baseline) and by one
+:class:`~pathopeft.features.dataset.TileLoaderPool` kept across the slides (what
+``FeatureExtractor`` does), batches split over the workers as ``FeatureExtractor`` splits them.
+
     python benchmarks/bench_tile_loading.py [--size 16384] [--max-tiles 4096] [--repeats 2]
+                                            [--cohort-slides 8] [--cohort-tiles 300]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing as mp
 import os
 import tempfile
@@ -38,7 +45,7 @@ import numpy as np
 import openslide
 import torch
 
-from pathopeft.features.dataset import Preprocess, TileDataset, make_tile_loader
+from pathopeft.features.dataset import Preprocess, TileDataset, TileLoaderPool, make_tile_loader
 from pathopeft.wsi import open_slide
 
 TILE = 256
@@ -132,6 +139,48 @@ def run(name: str, path: Path, coords: np.ndarray, repeats: int) -> list[str]:
     return rows
 
 
+def bench_cohort(path: Path, slides: list[np.ndarray], workers: int, *, pooled: bool) -> float:
+    """Tiles/s over a cohort of small slides, each opened and read in full (GPU path, uint8)."""
+    pool = TileLoaderPool(workers) if pooled else None
+    n = 0
+    start = time.perf_counter()
+    for coords in slides:
+        dataset = TileDataset(open_slide(path), coords, 0, TILE, TILE)
+        batch = max(1, min(BATCH, math.ceil(len(coords) / workers)))
+        loader = (
+            pool.batches(dataset, batch)
+            if pool is not None
+            else make_tile_loader(dataset, batch_size=batch, num_workers=workers)
+        )
+        for tiles in loader:
+            n += len(tiles)
+    elapsed = time.perf_counter() - start
+    if pool is not None:
+        pool.close()
+    assert n == sum(len(c) for c in slides)
+    return n / elapsed
+
+
+def run_cohort(path: Path, coords: np.ndarray, n_slides: int, n_tiles: int, repeats: int) -> list[str]:
+    slides = [coords[(i * n_tiles) % max(1, len(coords) - n_tiles) :][:n_tiles] for i in range(n_slides)]
+    rows = [
+        f"### Cohort of {n_slides} small slides × {len(slides[0])} tiles (GPU path, uint8 batches)",
+        "",
+        "| workers | new loader per slide | one pool across slides | ratio |",
+        "|---:|---:|---:|---:|",
+    ]
+    for workers in (1, 2):
+        fresh = pooled = 0.0
+        for _ in range(repeats):  # interleaved
+            fresh = max(fresh, bench_cohort(path, slides, workers, pooled=False))
+            pooled = max(pooled, bench_cohort(path, slides, workers, pooled=True))
+        rows.append(
+            f"| {workers} | {fresh:,.0f} tiles/s | {pooled:,.0f} tiles/s | **{pooled / fresh:.2f}×** |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -139,6 +188,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=16384, help="synthetic slide side, px")
     parser.add_argument("--max-tiles", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=2, help="best of N per measurement")
+    parser.add_argument("--cohort-slides", type=int, default=8, help="small slides in the cohort run")
+    parser.add_argument("--cohort-tiles", type=int, default=300, help="tiles per small slide")
+    parser.add_argument("--cohort-only", action="store_true", help="only the cohort measurement")
     args = parser.parse_args()
     torch.set_num_threads(1)
     report: list[str] = [f"cpu cores visible: {os.cpu_count()}", ""]
@@ -148,12 +200,16 @@ def main() -> None:
         path = Path(tmp) / "synthetic.tiff"
         info = make_synthetic_slide(path, width=args.size, height=args.size, mpp=0.5, seed=0, n_tissue=4)
         coords = grid_coords(info.width, info.height, args.max_tiles)
-        report += run(
-            f"synthetic generic TIFF {args.size}×{args.size} (JPEG q80)", path, coords, args.repeats
-        )
+        if not args.cohort_only:
+            report += run(
+                f"synthetic generic TIFF {args.size}×{args.size} (JPEG q80)", path, coords, args.repeats
+            )
+            report.append("")
+        warm_up(path, coords)
+        report += run_cohort(path, coords, args.cohort_slides, args.cohort_tiles, args.repeats)
         report.append("")
     svs = SHARED / "wsi" / "CMU-1-Small-Region.svs"
-    if svs.is_file():
+    if svs.is_file() and not args.cohort_only:
         w, h = openslide.OpenSlide(str(svs)).dimensions
         # sub-tile offsets so there are enough distinct regions on this small (2220×2967) slide
         offsets = range(0, 256, 32)
@@ -161,10 +217,11 @@ def main() -> None:
         report += run(
             "CMU-1-Small-Region.svs (Aperio, JPEG q30, 240-px stored tiles)", svs, coords, args.repeats
         )
-    report += [
-        "",
-        f"time to the first batch (worker start-up + one batch): median {np.median(STARTUP):.2f} s",
-    ]
+    if STARTUP:
+        report += [
+            "",
+            f"time to the first batch (worker start-up + one batch): median {np.median(STARTUP):.2f} s",
+        ]
     print("\n".join(report))
 
 

@@ -165,3 +165,31 @@ def test_read_failure_propagates_from_workers(slide) -> None:
     ex = FeatureExtractor(bb, batch_size=2, num_workers=1, resize_to="tile")
     with pytest.raises(Exception, match="corrupt tile"):
         ex.extract(bad, COORDS, 0, 32, 32)
+
+
+def test_worker_pool_is_kept_across_slides_and_replaced_after_a_failure(slide) -> None:
+    """One set of reader processes serves every slide (no per-slide start-up); a slide whose tiles
+    fail stops them, and the next slide gets fresh ones and correct features."""
+    bb = build_backbone("resnet18", pretrained=False, seed=1)
+    reference = FeatureExtractor(bb, batch_size=2, num_workers=0, resize_to="tile")
+    rng = np.random.default_rng(1)
+    slides = [slide, ArraySlide(rng.integers(0, 256, (256, 320, 3), dtype=np.uint8))]
+    with FeatureExtractor(bb, batch_size=2, num_workers=2, resize_to="tile") as ex:
+        pids = []
+        for s in (*slides, slides[0]):  # back to the first slide: workers must not serve stale tiles
+            feats = ex.extract(s, COORDS, 0, 32, 32)
+            np.testing.assert_allclose(feats, reference.extract(s, COORDS, 0, 32, 32), rtol=1e-5, atol=1e-5)
+            assert ex._pool is not None
+            pids.append(ex._pool.worker_pids)
+        assert len(pids[0]) == 2 and pids[0] == pids[1] == pids[2]
+
+        with pytest.raises(Exception, match="corrupt tile"):
+            ex.extract(BrokenSlide(slide.levels[0]), COORDS, 0, 32, 32)
+        assert ex._pool is None  # stopped, not left half-way through the broken slide
+        feats = ex.extract(slides[1], COORDS, 0, 32, 32)
+        np.testing.assert_allclose(
+            feats, reference.extract(slides[1], COORDS, 0, 32, 32), rtol=1e-5, atol=1e-5
+        )
+        assert ex._pool is not None and set(ex._pool.worker_pids).isdisjoint(pids[0])
+        pool = ex._pool
+    assert ex._pool is None and pool.worker_pids == []  # the context manager stopped them

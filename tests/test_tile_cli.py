@@ -141,6 +141,10 @@ def test_resume_parameter_change_and_overwrite(tmp_path, synth) -> None:
     assert coords.stat().st_mtime_ns == stamp[coords] and feats.stat().st_mtime_ns != stamp[feats]
     with h5py.File(feats, "r") as f:
         assert f.attrs["weights"] == "random:1"
+    half = _run(slides, "--out", out, *FAST, "--set", "features.seed=1", "--set", "features.dtype=float16")
+    assert "2 ok (0 reused)" in half.stdout and "float16 requested" in half.stderr  # storage dtype honoured
+    with h5py.File(feats, "r") as f:
+        assert f["features"].dtype == np.float16
 
     bigger = [*FAST, "--tile-px", "96"]  # tiling parameter changed: everything recomputed
     changed = _run(slides, "--out", out, *bigger)

@@ -62,6 +62,13 @@ def test_two_process_ddp_matches_one_device(tmp_path) -> None:
     assert "Starting with 2 processes" in two.stderr + two.stdout  # really two ranks
 
     assert _rows(tmp_path / "one") == _rows(tmp_path / "two")
+    # rank 1's live-manifest journal was merged and removed: only the outputs remain
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "coords",
+        "features",
+        "manifest.csv",
+        "thumbnails",
+    ]
     statuses = {r["slide_id"]: r["status"] for r in _rows(tmp_path / "two")}
     assert statuses == {"broken": "error", "s0": "ok", "s1": "ok", "s2": "ok"}
     assert "3 ok (0 reused), 0 empty, 1 error" in two.stdout and "3 ok" in one.stdout

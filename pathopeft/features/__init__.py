@@ -16,7 +16,7 @@ from pathopeft.features.backbones import (
     build_backbone,
     load_weights_file,
 )
-from pathopeft.features.dataset import Preprocess, TileDataset, make_tile_loader
+from pathopeft.features.dataset import Preprocess, TileDataset, TileLoaderPool, make_tile_loader
 from pathopeft.features.extract import FeatureExtractor
 from pathopeft.features.manifest import SlideRecord, read_manifest, write_manifest
 from pathopeft.features.pipeline import TileSummary, run_tile
@@ -32,6 +32,7 @@ __all__ = [
     "SlideProcessor",
     "SlideRecord",
     "TileDataset",
+    "TileLoaderPool",
     "TileSummary",
     "backbone_dirname",
     "build_backbone",

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from pathopeft.features.backbones import Backbone
-from pathopeft.features.dataset import Preprocess, TileDataset, make_tile_loader
+from pathopeft.features.dataset import Preprocess, TileDataset, TileLoaderPool, make_tile_loader
 from pathopeft.wsi.slide import Slide
 
 __all__ = ["FeatureExtractor", "ResizeTo"]
@@ -25,7 +25,12 @@ ResizeTo = Literal["model", "tile"] | int
 
 
 class FeatureExtractor:
-    """A backbone on a device, plus the loader settings to feed it tiles of one slide at a time."""
+    """A backbone on a device, plus the loader settings to feed it tiles of one slide at a time.
+
+    With ``num_workers > 0`` the reading workers are started on the first slide and kept for the
+    next ones (:class:`~pathopeft.features.dataset.TileLoaderPool`); :meth:`close` stops them (a
+    failed slide also stops them: the next slide starts fresh ones). Use it as a context manager.
+    """
 
     def __init__(
         self,
@@ -51,6 +56,19 @@ class FeatureExtractor:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = backbone.model.to(self.device, memory_format=fmt).eval()
         self.preprocess = Preprocess(backbone.mean, backbone.std, backbone.interpolation).to(self.device)
+        self._pool: TileLoaderPool | None = None
+
+    def close(self) -> None:
+        """Stop the tile-reading workers (they restart on the next :meth:`extract`)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    def __enter__(self) -> FeatureExtractor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def out_size(self, tile_px: int) -> tuple[int, int]:
         """``(w, h)`` fed to the model for tiles of ``tile_px``: the model's input size, the tile's, or N."""
@@ -130,18 +148,23 @@ class FeatureExtractor:
         dataset = self.dataset(slide, coords, level, read_size, tile_px)
         if len(dataset) == 0:
             return np.zeros((0, self.backbone.dim), dtype=np.float32)
-        loader = make_tile_loader(
-            dataset,
-            batch_size=self.loader_batch_size(len(dataset)),
-            num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
-        )
+        batch_size = self.loader_batch_size(len(dataset))
+        if self.num_workers > 0:
+            if self._pool is None:
+                self._pool = TileLoaderPool(self.num_workers, pin_memory=self.device.type == "cuda")
+            loader: Iterable[torch.Tensor] = self._pool.batches(dataset, batch_size)
+        else:
+            loader = make_tile_loader(dataset, batch_size=batch_size, num_workers=0)
         chunks: list[torch.Tensor] = []
         size = self.out_size(tile_px)
-        for tiles in loader:
-            chunks.append(self.encode(tiles, size))
-            if on_batch is not None:
-                on_batch(len(tiles))
+        try:
+            for tiles in loader:
+                chunks.append(self.encode(tiles, size))
+                if on_batch is not None:
+                    on_batch(len(tiles))
+        except BaseException:
+            self.close()  # a worker may be dead or mid-slide: the next slide gets fresh ones
+            raise
         feats = torch.cat(chunks).numpy()
         if not np.isfinite(feats).all():
             raise RuntimeError(f"{slide.path}: the encoder produced non-finite features (NaN/inf)")

@@ -3,18 +3,26 @@
 One process per device (Lightning Fabric); rank ``r`` of ``W`` processes slides ``r::W`` and
 writes their outputs itself (atomically); rank 0 gathers every rank's manifest rows and writes
 ``manifest.csv``, merged with the rows of earlier runs for slides this run did not touch. The
-outputs are the same whatever the number of devices. A run that is interrupted leaves the
-previous manifest; the rerun skips the slides finished meanwhile (their outputs are complete and
-fingerprinted) and writes the full manifest.
+outputs are the same whatever the number of devices.
+
+Interruptions: ``manifest.csv`` is kept up to date while slides finish
+(:class:`~pathopeft.features.manifest.LiveManifest`), so a run stopped by Ctrl-C, SIGTERM (a
+cancelled or pre-empted job; turned into ``KeyboardInterrupt`` here so that clean-up runs) or
+even SIGKILL leaves rows for the slides it finished and no temporary files (SIGKILL can leave
+some; the next run removes them). The rerun skips those slides (complete, fingerprinted outputs)
+and redoes the one that was cut off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +34,7 @@ from pathopeft.config import ConfigError
 from pathopeft.config.tile import TileConfig
 from pathopeft.features.backbones import Backbone, backbone_dirname, build_backbone
 from pathopeft.features.extract import FeatureExtractor
-from pathopeft.features.manifest import SlideRecord, merge_records, read_manifest, write_manifest
+from pathopeft.features.manifest import LiveManifest, SlideRecord
 from pathopeft.features.processor import OutputLayout, SlideProcessor
 from pathopeft.features.runtime import Runtime
 from pathopeft.files import remove_stale_partials
@@ -83,6 +91,11 @@ class TileSummary:
 
 def run_tile(inputs: Sequence[str | Path], config: TileConfig) -> TileSummary:
     """Tile (and encode) every slide found in ``inputs`` (folders, files, CSVs) per ``config``."""
+    with _sigterm_as_interrupt():
+        return _run_tile(inputs, config)
+
+
+def _run_tile(inputs: Sequence[str | Path], config: TileConfig) -> TileSummary:
     start = time.perf_counter()
     run = config.run
     # usage problems (devices, inputs) and the encoder fail fast, before any process is spawned
@@ -95,11 +108,13 @@ def run_tile(inputs: Sequence[str | Path], config: TileConfig) -> TileSummary:
 
     name = config.features.name or backbone_dirname(config.features.backbone)
     layout = OutputLayout(Path(config.output.dir), name if backbone is not None else None)
+    manifest = LiveManifest(layout.manifest, rank=runtime.rank)
     if runtime.is_zero:
         layout.root.mkdir(parents=True, exist_ok=True)
         removed = remove_stale_partials(layout.root)
         if removed:
             log.info("removed %d partial file(s) left by an interrupted run in %s", removed, layout.root)
+        manifest.start()
     runtime.barrier("tile-setup")
 
     extractor = None
@@ -115,13 +130,33 @@ def run_tile(inputs: Sequence[str | Path], config: TileConfig) -> TileSummary:
         )
     processor = SlideProcessor(config, layout, extractor)
     mine = runtime.shard(sources)
-    records = _process_all(processor, mine, show=config.output.progress and runtime.is_zero, rank=runtime)
+    show = config.output.progress and runtime.is_zero
+    try:
+        records = _process_all(processor, mine, show=show, rank=runtime, on_record=manifest.add)
+    except BaseException as exc:
+        # stopped early (Ctrl-C, SIGTERM, a bug): keep the rows of the finished slides; a failing
+        # flush (disk full) must not hide why the run stopped
+        with contextlib.suppress(Exception):
+            manifest.flush()
+        if isinstance(exc, KeyboardInterrupt):
+            log.warning(
+                "interrupted%s after %d of %d slide(s); the finished ones are in %s. "
+                "Run the same command again to continue (finished slides are skipped).",
+                "" if runtime.world_size == 1 else f" (rank {runtime.rank})",
+                manifest.added,
+                len(mine),
+                layout.manifest,
+            )
+        raise
+    finally:
+        manifest.close()
+        if extractor is not None:
+            extractor.close()  # stop the tile-reading workers
 
     gathered = [rec for part in runtime.gather(records) for rec in part]
     order = {s.slide_id: i for i, s in enumerate(sources)}
     gathered.sort(key=lambda r: order.get(r.slide_id, len(order)))
-    if runtime.is_zero:
-        write_manifest(layout.manifest, merge_records(read_manifest(layout.manifest), gathered))
+    manifest.finish(gathered)
     runtime.barrier("tile-manifest")
     return TileSummary(gathered, time.perf_counter() - start, layout.root, runtime.world_size, runtime.rank)
 
@@ -151,9 +186,15 @@ def _build_backbone(config: TileConfig) -> Backbone:
 
 
 def _process_all(
-    processor: SlideProcessor, sources: list[Any], *, show: bool, rank: Runtime
+    processor: SlideProcessor,
+    sources: list[Any],
+    *,
+    show: bool,
+    rank: Runtime,
+    on_record: Callable[[SlideRecord], None] | None = None,
 ) -> list[SlideRecord]:
-    """Process this rank's slides under a progress bar (tiles/s in the postfix)."""
+    """Process this rank's slides under a progress bar (tiles/s in the postfix); ``on_record`` sees
+    each slide's row as soon as it is finished."""
     desc = "tile" if rank.world_size == 1 else f"tile [rank 0/{rank.world_size}]"
     bar = tqdm(total=len(sources), desc=desc, unit="slide", disable=not show, dynamic_ncols=True)
     started = time.perf_counter()
@@ -179,6 +220,8 @@ def _process_all(
                 tiles += rec.n_tiles  # tiling only: tiles gridded per second
             status[rec.status] += 1
             records.append(rec)
+            if on_record is not None:
+                on_record(rec)
             bar.set_postfix(_postfix(tiles, started, status), refresh=False)
             bar.update(1)
     finally:
@@ -194,3 +237,27 @@ def _postfix(tiles: int, started: float, status: Counter[str]) -> dict[str, str]
         "empty": str(status["empty"]),
         "error": str(status["error"]),
     }
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM (``kill``, a cancelled or pre-empted batch job) into ``KeyboardInterrupt``.
+
+    Python's default for SIGTERM ends the process at once, skipping ``finally`` blocks: no manifest
+    flush, temporary files left behind. Only installed from the main thread and only over the
+    default handler (an application's own handler is left alone).
+    """
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

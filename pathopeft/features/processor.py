@@ -222,12 +222,21 @@ class SlideProcessor:
             with h5py.File(path, "r") as h5:
                 stored = h5.attrs.get("features_fingerprint")
                 rows = int(h5["features"].shape[0])
+                dtype = str(h5["features"].dtype)
         except Exception:
             return False
         if isinstance(stored, bytes):
             stored = stored.decode()
         if stored != fp_features:
             log.info("%s: encoder/parameters changed since %s was written; recomputing", slide_id, path.name)
+            return False
+        if dtype != self.config.features.dtype:  # storage only: not in the fingerprint, still honoured
+            log.info(
+                "%s: features stored as %s, %s requested; recomputing",
+                slide_id,
+                dtype,
+                self.config.features.dtype,
+            )
             return False
         return rows == n_tiles
 
