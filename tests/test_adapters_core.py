@@ -495,3 +495,107 @@ def test_wrapper_exposes_base_attributes() -> None:
     assert layer.weight is layer.base_layer.weight and layer.in_features == 16 and layer.out_features == 32
     assert "base_layer.weight" in dict(layer.named_parameters())
     assert set(model.state_dict()) >= {"net.0.base_layer.weight", "net.0.adapters.default.lora_A"}
+
+
+def test_adapter_name_stands_for_one_method_and_options(x: torch.Tensor, tmp_path) -> None:
+    model = make_mlp()
+    pa.attach(model, "lora", targets=r"net\.0", rank=2)
+    assert pa.attach(model, "lora", targets=r"net\.2", rank=2) == ["net.2"]  # same config: extends it
+    clash = r"adapter named 'default' already exists.*\(lora, other options\)"
+    with pytest.raises(pa.AdapterError, match=clash):
+        pa.attach(model, "svfit", targets="head")
+    with pytest.raises(pa.AdapterError, match="already exists"):
+        pa.attach(model, "lora", targets="head", rank=3)
+    assert [n for n, _ in pa.adapted_layers(model)] == ["net.0", "net.2"]
+    pa.save(model, tmp_path)
+    assert set(pa.read_adapter_config(tmp_path)["layers"]) == {"net.0", "net.2"}
+
+
+def test_layers_their_parent_never_calls_are_refused() -> None:
+    model = nn.Module()
+    model.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+    with pytest.raises(pa.AdapterError, match=r"mha\.out_proj: nn\.MultiheadAttention uses its out_proj"):
+        pa.attach(model, "lora", targets=r".*out_proj", rank=2)
+    assert not list(pa.adapted_layers(model))
+
+
+def test_broken_adapter_files_name_the_file_and_change_nothing(x: torch.Tensor, tmp_path) -> None:
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = make_mlp()
+    pa.attach(model, "salt", targets=TARGETS, rank=2, lora_rank=2)
+    good = pa.save(model, tmp_path / "good")
+    document = json.loads((good / pa.CONFIG_NAME).read_text())
+
+    def broken(tag: str, config: object = None, weights: dict | bytes | None = None):
+        folder = tmp_path / tag
+        shutil.copytree(good, folder)
+        if config is not None:
+            (folder / pa.CONFIG_NAME).write_text(json.dumps(config))
+        if isinstance(weights, bytes):
+            (folder / pa.WEIGHTS_NAME).write_bytes(weights)
+        elif weights is not None:
+            save_file(weights, str(folder / pa.WEIGHTS_NAME))
+        return folder
+
+    tensors = load_file(str(good / pa.WEIGHTS_NAME))
+    cases = {
+        "corrupt": (
+            broken("corrupt", weights=b"garbage"),
+            r"corrupt/adapter_model\.safetensors: not a readable",
+        ),
+        "options": (
+            broken("options", {**document, "options": {"rank": 2, "lora_rnak": 2}}),
+            r"options/adapter_config\.json: invalid options for adapter method 'salt': lora_rnak",
+        ),
+        "method": (broken("method", {**document, "method": "dora"}), r"method/adapter_config\.json: unknown"),
+        "list": (broken("list", [1, 2]), r"list/adapter_config\.json: not a pathopeft adapter"),
+        "layer": (
+            broken("layer", {**document, "layers": {**document["layers"], "net.0": {"kind": "linear"}}}),
+            r"layer 'net\.0' lacks weight_shape, hash",
+        ),
+        "tensors": (  # the last layer's tensors are missing: found only after earlier layers were built
+            broken("tensors", weights={k: v for k, v in tensors.items() if not k.startswith("net.2.")}),
+            r"tensors for net\.2 do not fit",
+        ),
+    }
+    for folder, message in cases.values():
+        fresh = make_mlp()
+        before = fresh(x).detach()
+        with pytest.raises(pa.AdapterError, match=message):
+            pa.load(fresh, folder)
+        assert not list(pa.adapted_layers(fresh)), folder.name  # nothing attached
+        assert torch.equal(fresh(x), before)
+
+
+def _aten_calls(model: nn.Module, x: torch.Tensor, autocast: bool = False) -> list[str]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), Record():
+        model(x)
+    return calls
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_merged_forward_runs_exactly_the_base_models_operations(x: torch.Tensor, autocast: bool) -> None:
+    """'Merged inference costs the base model's time', checked without a clock: same aten calls."""
+    # frozen like an adapted base (autocast caches only trainable casts)
+    base = make_mlp().requires_grad_(False)
+    merged = copy.deepcopy(base)
+    pa.attach(merged, "salt", targets=TARGETS, rank=2, lora_rank=2)
+    pa.attach(merged, "lora", targets=TARGETS, name="b", rank=2)
+    train_steps(merged, x, steps=1)
+    unmerged_calls = _aten_calls(merged, x, autocast)
+    pa.merge(merged)
+    assert _aten_calls(merged, x, autocast) == _aten_calls(base, x, autocast)
+    assert len(unmerged_calls) > len(_aten_calls(base, x, autocast))

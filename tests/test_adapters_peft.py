@@ -35,10 +35,11 @@ def build_pair(model: torch.nn.Module, targets: str, rank: int, alpha: float):
     return ours, theirs, names
 
 
-def test_lora_matches_peft_on_vit_outputs_grads_and_merge() -> None:
+@pytest.mark.parametrize("alpha", [16.0, 4.0])  # α = r: scaling 1, which our forward skips (exactly)
+def test_lora_matches_peft_on_vit_outputs_grads_and_merge(alpha: float) -> None:
     torch.manual_seed(0)
     vit = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, num_classes=4)
-    ours, theirs, names = build_pair(vit, TARGETS, rank=4, alpha=16.0)
+    ours, theirs, names = build_pair(vit, TARGETS, rank=4, alpha=alpha)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(ours(x), theirs(x))  # bit for bit: same ops in the same order

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -126,3 +131,40 @@ def test_salt_gradients_reach_all_parameter_groups() -> None:
         opt.step()
     grads = {name: p.grad.abs().sum().item() for name, p in adapter.named_parameters()}
     assert all(value > 0 for value in grads.values()), grads
+
+
+THREAD_PROBE = """
+import torch
+from pathopeft.adapters import base
+
+def threads():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+
+seen = []
+svd = base.float32_svd
+def recording(matrix):
+    out = svd(matrix)
+    seen.append(threads())  # LAPACK's OpenMP team of this pool thread is still alive here
+    return out
+base.float32_svd = recording
+torch.set_num_threads(2)
+start = threads()
+base.float32_svd_many([torch.randn(768, 384) for _ in range(6)])
+print(start, max(seen))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="counts threads through /proc")
+def test_svd_pool_threads_do_not_oversubscribe() -> None:
+    """Each pool thread must run LAPACK single-threaded: OpenMP/MKL thread counts are per thread.
+
+    With OMP_NUM_THREADS=6 and 2 pool workers, the old pool ran 2 × 6 LAPACK threads (15 in the
+    process; 7× slower on a shared 2-core machine, 16 × 16 on a 16-core GPU host).
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "6", "MKL_NUM_THREADS": "6"}
+    out = subprocess.run(
+        [sys.executable, "-c", THREAD_PROBE], capture_output=True, text=True, env=env, check=True
+    )
+    start, peak = map(int, out.stdout.split())
+    assert peak <= start + 3, (start, peak)  # the 2 workers (+1 slack), not 2 teams of 6

@@ -117,3 +117,54 @@ def test_wara_layer_too_small_for_the_wavelet() -> None:
     model = nn.Sequential(nn.Linear(6, 4))
     with pytest.raises(pa.AdapterError, match="too small for 2 level"):
         pa.attach(model, "wara", targets="0", rank=1, levels=2, wavelet="db2")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"rank": 2}, {"rank": 2, "levels": 3}, {"rank": 1, "levels": 2, "shared_factors": True}],
+)
+def test_haar_shortcut_equals_the_transform_path(options: dict) -> None:
+    """The Haar forward skips the inverse transforms; it must give the very factors they give."""
+    layer = _wara_linear(24, 40, **options)
+    adapter = layer.adapters["default"]
+    fast_a, fast_b = adapter._haar_signal_factors()
+    slow_a, slow_b = adapter._synthesised_factors()
+    # same pairing and layout; the shortcut moves A's s^j (s = 1/√2) to B's side
+    assert fast_a.shape == slow_a.shape and fast_b.shape == slow_b.shape
+    ratio = slow_a.abs().sum(1) / fast_a.abs().sum(1)
+    torch.testing.assert_close(fast_a * ratio[:, None], slow_a, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fast_b / ratio, slow_b, rtol=1e-6, atol=1e-7)
+    assert set(torch.round(torch.log2(ratio) * 2).tolist()) <= {-1.0, -2.0, -3.0, -4.0, -5.0, -6.0}
+    assert (fast_b @ fast_a).abs().sum() > 0
+    # the shortcut's patterns are ±1 and ±2^-j: exact in bf16, so a dtype round trip keeps them
+    buffers = {k: v.clone() for k, v in adapter.named_buffers()}
+    assert buffers and all(torch.equal(v, v.bfloat16().float()) for v in buffers.values())
+    assert not adapter.state_dict().keys() & buffers.keys()  # derived, not saved
+
+
+def test_factored_forward_costs_few_operations() -> None:
+    """WaRA's forward+backward must not grow with the number of subbands (GPU steps are launch-bound)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops(method: str, **options) -> int:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 96))
+        pa.attach(model, method, targets="0", **options)
+        x = torch.randn(3, 64, requires_grad=True)
+        Count.calls = 0
+        with Count():
+            model(x).sum().backward()
+        return Count.calls
+
+    lora = ops("lora", rank=8, alpha=16.0)  # 30 aten calls (torch 2.14)
+    # before batching: 6.6×, 28× and 10.7× LoRA's (transform calls per subband, side and level)
+    assert ops("wara", rank=4) <= 2.5 * lora
+    assert ops("wara", rank=2, levels=3) <= 5 * lora
+    assert ops("wara", rank=2, wavelet="db2") <= 5 * lora

@@ -51,12 +51,25 @@ def float32_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return u.contiguous(), s.contiguous(), vh.contiguous()
 
 
+def _single_threaded_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`float32_svd` in a pool thread, with that thread's own OpenMP/MKL team limited to 1.
+
+    OpenMP and MKL thread counts are per thread: a new thread starts from the process default
+    (all cores, or OMP_NUM_THREADS), not from the caller's ``torch.set_num_threads(1)``. Without
+    this, N pool threads each run LAPACK on N threads (N² on N cores: measured 7× slower with
+    2 workers × 4 threads on 2 cores; 16 × 16 on a 16-core GPU host).
+    """
+    torch.set_num_threads(1)
+    return float32_svd(matrix)
+
+
 def float32_svd_many(matrices: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """:func:`float32_svd` of many matrices; on CPU one layer per thread, largest first.
 
     LAPACK's own threading scales poorly at ViT sizes and collapses when the cores are shared
     (measured here: 48 ViT-B SVDs took 21–83 s with 2 intra-op threads, 14–17 s as 2 threads of
-    1). Torch's intra-op thread count is set to 1 during the pool and restored afterwards.
+    1). Torch's intra-op thread count is set to 1 during the pool (in every pool thread too) and
+    restored afterwards; the pool has ``torch.get_num_threads()`` workers.
     """
     workers = torch.get_num_threads()
     if len(matrices) < 2 or workers < 2 or any(m.device.type != "cpu" for m in matrices):
@@ -64,8 +77,8 @@ def float32_svd_many(matrices: list[torch.Tensor]) -> list[tuple[torch.Tensor, t
     order = sorted(range(len(matrices)), key=lambda i: -matrices[i].numel())
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(float32_svd, [matrices[i] for i in order]))
+        with ThreadPoolExecutor(max_workers=min(workers, len(matrices))) as pool:
+            results = list(pool.map(_single_threaded_svd, [matrices[i] for i in order]))
     finally:
         torch.set_num_threads(workers)
     out: list[Any] = [None] * len(matrices)
@@ -202,6 +215,10 @@ class AdapterModule(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """Dtype of the adapter's parameters (read on every forward: own parameters first, no module walk)."""
+        for tensor in self._parameters.values():
+            if tensor is not None:
+                return tensor.dtype
         for tensor in self.parameters():
             return tensor.dtype
         return torch.float32
@@ -281,7 +298,8 @@ class AdaptedLayer(nn.Module):
         self._refresh()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.geometry.base(self.base_layer, x)
+        # _modules lookup: skips the __getattr__ fallback chain (this runs once per layer per call)
+        out = self.geometry.base(self._modules["base_layer"], x)
         if not self._live:
             return out
         autocast = torch.is_autocast_enabled(x.device.type)

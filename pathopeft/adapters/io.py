@@ -31,6 +31,7 @@ __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "base_hash", "load", "read_adapter_con
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 EXTRA_PREFIX = "__extra__."
+LAYER_KEYS = ("kind", "weight_shape", "hash")  # what every per-layer entry must have
 FORMAT = "pathopeft-adapter"
 VERSION = 1
 
@@ -73,6 +74,8 @@ def save(
                 f"{layer_name}: the base weights changed since the adapter was attached; "
                 "an adapter alone cannot reproduce this model (save the full model instead)"
             )
+        if config is not None and adapter.config != config:  # attach refuses this; guard edited models
+            raise AdapterError(f"{layer_name}: adapter {name!r} has other options here than on other layers")
         config = adapter.config
         num_parameters += adapter.num_parameters()
         for key, tensor in adapter.state_dict().items():
@@ -131,11 +134,18 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
         document = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{file}: not valid JSON: {exc}") from None
-    if document.get("format") != FORMAT:
-        raise AdapterError(f"{file}: not a pathopeft adapter (format={document.get('format')!r})")
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        found = document.get("format") if isinstance(document, dict) else type(document).__name__
+        raise AdapterError(f"{file}: not a pathopeft adapter (format={found!r})")
     for key in ("method", "name", "options", "layers"):
         if key not in document:
             raise AdapterError(f"{file}: missing key {key!r}")
+    if not isinstance(document["options"], dict) or not isinstance(document["layers"], dict):
+        raise AdapterError(f"{file}: 'options' and 'layers' must be JSON objects")
+    for layer_name, info in document["layers"].items():
+        missing = [k for k in LAYER_KEYS if not isinstance(info, dict) or k not in info]
+        if missing:
+            raise AdapterError(f"{file}: layer {layer_name!r} lacks {', '.join(missing)}")
     return document
 
 
@@ -158,11 +168,17 @@ def load(
     weights_file = folder / WEIGHTS_NAME
     if not weights_file.is_file():
         raise AdapterError(f"{weights_file}: adapter weights not found")
-    config = make_config(document["method"], **document["options"])
+    try:
+        config = make_config(document["method"], **document["options"])
+    except AdapterError as exc:
+        raise AdapterError(f"{folder / CONFIG_NAME}: {exc}") from None
     name = name or document["name"]
     if name in adapter_names(model):
         raise AdapterError(f"an adapter named {name!r} is already attached; pass name= to rename")
-    tensors = load_file(str(weights_file))
+    try:
+        tensors = load_file(str(weights_file))
+    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
+        raise AdapterError(f"{weights_file}: not a readable safetensors file ({exc})") from None
     modules = dict(model.named_modules())
     built = []
     problems: list[str] = []
@@ -204,6 +220,7 @@ def load(
     if problems:
         shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
         raise AdapterError(f"{folder}: cannot load adapter {document['name']!r} onto this model:\n  {shown}")
+    ready = []  # every layer's module is built and filled before the model is touched
     for layer_name, module, geometry, info in built:
         adapter = config.build(geometry, layer_name, meta=info.get("meta") or {})
         prefix = f"{layer_name}."
@@ -212,6 +229,8 @@ def load(
             adapter.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise AdapterError(f"{weights_file}: tensors for {layer_name} do not fit: {exc}") from None
+        ready.append((layer_name, module, adapter))
+    for layer_name, module, adapter in ready:
         layer = module if isinstance(module, AdaptedLayer) else AdaptedLayer(module, layer_name)
         if layer is not module:
             _set_submodule(model, layer_name, layer)

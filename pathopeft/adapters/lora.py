@@ -39,7 +39,9 @@ class LoraModule(AdapterModule):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         g = self.geometry
-        return g.up(g.down(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+        out = g.up(g.down(self.dropout(x), self.lora_A), self.lora_B)
+        # ·1.0 is exact, so skipping it (α = r, the default) keeps PEFT's numbers and saves a T×m pass
+        return out if self.scaling == 1.0 else out * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling

@@ -104,6 +104,19 @@ def _no_match_message(model: nn.Module, targets: Patterns) -> str:
     )
 
 
+def _refuse_bypassed(model: nn.Module, names: Sequence[str]) -> None:
+    """Refuse layers whose parent never calls them: ``nn.MultiheadAttention`` reads ``out_proj.weight``
+    directly (``F.multi_head_attention_forward``), so an adapter there would silently do nothing."""
+    bypassed = [
+        n for n in names if isinstance(model.get_submodule(n.rpartition(".")[0]), nn.MultiheadAttention)
+    ]
+    if bypassed:
+        raise AdapterError(
+            f"cannot adapt {', '.join(bypassed[:5])}: nn.MultiheadAttention uses its out_proj weight "
+            "without calling the layer, so an adapter there would have no effect"
+        )
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -126,12 +139,20 @@ def attach(
     is frozen (``requires_grad=False``); the new adapter is trainable and active in addition to
     the adapters already active. To train e.g. norms too, set their ``requires_grad`` afterwards.
     Nothing is changed when any matched layer is rejected (unsupported type, rank too large).
+    Attaching an existing ``name`` again (same method and options) extends it to more layers;
+    the same name with another method or other options is refused (it would not save as one).
     """
     config = method if isinstance(method, AdapterConfig) else make_config(method, **options)
     if isinstance(method, AdapterConfig) and options:
         raise AdapterError("pass either a config object or keyword options, not both")
     if not NAME_PATTERN.fullmatch(name):
         raise AdapterError(f"adapter name {name!r} may only use letters, digits, '_' and '-'")
+    existing = next((a.config for _, _, a in adapter_modules(model, name)), None)
+    if existing is not None and existing != config:
+        raise AdapterError(
+            f"an adapter named {name!r} already exists on this model ({existing.method}, other options); "
+            "an adapter name stands for one method and one set of options: choose another name"
+        )
     matched = _matches(model, targets, exclude)
     if not matched:
         raise AdapterError(_no_match_message(model, targets))
@@ -145,6 +166,7 @@ def attach(
             f"method {config.method!r} cannot adapt {', '.join(unsupported[:5])}: only nn.Linear and "
             "nn.Conv2d layers can be wrapped; narrow the target pattern"
         )
+    _refuse_bypassed(model, [n for n, _ in matched])
     layers: list[tuple[str, AdaptedLayer, bool]] = []
     for layer_name, module in matched:  # build everything first: a failure leaves the model untouched
         is_new = not isinstance(module, AdaptedLayer)

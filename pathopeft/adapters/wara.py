@@ -35,6 +35,13 @@ def subband_shapes(out_features: int, in_features: int, levels: int) -> dict[str
     return {name: (m_p >> int(name[2:]), n_p >> int(name[2:])) for name in subband_names(levels)}
 
 
+def _haar_pattern(bands: str, level: int, rank: int) -> torch.Tensor:
+    """Rows ``h_band ⊗ 1_{2^(level-1)}`` (h_L = [1, 1], h_H = [1, −1]), each repeated ``rank`` times."""
+    ones = torch.ones(2 ** (level - 1))
+    rows = [torch.kron(torch.tensor([1.0, 1.0 if band == "L" else -1.0]), ones) for band in bands]
+    return torch.stack(rows).repeat_interleave(rank, dim=0)
+
+
 def _factor_key(band: str, shared: bool) -> str:
     return f"level{band[2:]}" if shared else band
 
@@ -71,6 +78,17 @@ class WaraModule(AdapterModule):
                 self.A[key] = nn.Parameter(kaiming_uniform(r, cols))
                 self.B[key] = nn.Parameter(torch.zeros(rows, r))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        # band names grouped by level, deepest first (LL last within its level), for signal_factors
+        self.by_level = [
+            [band for band in self.shapes if int(band[2:]) == level] for level in range(levels, 0, -1)
+        ]
+        if self.wavelet.name == "haar":  # synthesis patterns of the fast path (derived, not saved)
+            for index, bands in enumerate(self.by_level):
+                level = int(bands[0][2:])
+                a_pattern = _haar_pattern("".join(band[1] for band in bands), level, r)
+                b_pattern = _haar_pattern("".join(band[0] for band in bands), level, r) * 2.0**-level
+                self.register_buffer(f"haar_a{index}", a_pattern[:, None, :], persistent=False)
+                self.register_buffer(f"haar_b{index}", b_pattern.T.contiguous()[None], persistent=False)
 
     def factors(self, band: str) -> tuple[torch.Tensor, torch.Tensor]:
         key = _factor_key(band, self.config.shared_factors)  # type: ignore[attr-defined]
@@ -87,17 +105,24 @@ class WaraModule(AdapterModule):
         m, n = self.geometry.out_features, self.geometry.in_features
         return full[:m, :n] * self.scaling
 
-    def _to_signal(self, coeffs: torch.Tensor, band: str, level: int, dim: int) -> torch.Tensor:
-        """Synthesis of ``coeffs`` placed in one band (L/H) at ``level``, every other band zero."""
-        zeros = torch.zeros_like(coeffs)
-        out = (
-            idwt1(coeffs, zeros, self.wavelet, dim)
-            if band == "L"
-            else idwt1(zeros, coeffs, self.wavelet, dim)
-        )
-        for _ in range(level - 1):
-            out = idwt1(out, torch.zeros_like(out), self.wavelet, dim)
-        return out
+    def _synthesise(
+        self, coeffs: list[torch.Tensor], bands: str, carried: torch.Tensor | None, dim: int
+    ) -> torch.Tensor:
+        """One synthesis level for all factors of a level at once (few kernels: the GPU is launch-bound).
+
+        ``coeffs[i]`` sits in band ``bands[i]`` (``L``/``H``) along ``dim`` with the other band zero;
+        ``carried`` (the factors of deeper levels, already synthesised down to this level's size)
+        sits in ``L``. Factors are stacked along the rank axis (``1 − dim``), so the result holds
+        every factor's synthesis side by side, ``carried`` first.
+        """
+        stack_dim = 1 - dim
+        zero = torch.zeros_like(coeffs[0])
+        lo = [c if band == "L" else zero for c, band in zip(coeffs, bands)]
+        hi = [zero if band == "L" else c for c, band in zip(coeffs, bands)]
+        if carried is not None:
+            lo.insert(0, carried)
+            hi.insert(0, torch.zeros_like(carried))
+        return idwt1(torch.cat(lo, dim=stack_dim), torch.cat(hi, dim=stack_dim), self.wavelet, dim)
 
     def signal_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A_all, B_all)`` with ``ΔW = (α/r)·B_all A_all``: the factors taken out of the wavelet domain.
@@ -105,21 +130,58 @@ class WaraModule(AdapterModule):
         Subband k contributes ``S_rows,kᵀ B_k A_k S_cols,k``; since the transform is orthogonal,
         ``A_k S_cols,k`` is the synthesis of A_k's rows and ``S_rows,kᵀ B_k`` that of B_k's
         columns. Stacking all subbands gives a LoRA-like pair of rank (#subbands · r), so the
-        forward is two matmuls (costing like LoRA of that rank) plus transforms of the small factors.
+        forward is two matmuls (costing like LoRA of that rank) plus transforms of the small
+        factors: one batched inverse transform per level and side, deepest level first (its
+        synthesis is carried up through the finer levels as an approximation band).
         """
+        if self.wavelet.name == "haar":
+            return self._crop(*self._haar_signal_factors())
+        return self._crop(*self._synthesised_factors())
+
+    def _synthesised_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Any orthogonal wavelet: batched inverse transforms of the factors (before cropping)."""
+        a_all = b_all = None
+        for bands in self.by_level:  # deepest level first
+            pairs = [self.factors(band) for band in bands]
+            a_all = self._synthesise([a for _, a in pairs], "".join(b[1] for b in bands), a_all, dim=1)
+            b_all = self._synthesise([b for b, _ in pairs], "".join(b[0] for b in bands), b_all, dim=0)
+        assert a_all is not None and b_all is not None
+        return a_all, b_all
+
+    def _crop(self, a_all: torch.Tensor, b_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drop the zero-padding rows/columns (no slice at all when there is none: one kernel less)."""
         m, n = self.geometry.out_features, self.geometry.in_features
-        a_rows, b_cols = [], []
-        for band in self.shapes:  # band = <row band><col band><level>
-            b, a = self.factors(band)
-            level = int(band[2:])
-            a_rows.append(self._to_signal(a, band[1], level, dim=1))
-            b_cols.append(self._to_signal(b, band[0], level, dim=0))
-        return torch.cat(a_rows, dim=0)[:, :n], torch.cat(b_cols, dim=1)[:m]
+        return (a_all if a_all.shape[1] == n else a_all[:, :n]), (b_all if b_all.shape[0] == m else b_all[:m])
+
+    def _haar_signal_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Haar shortcut of the synthesis: per level one concatenation and one broadcast multiply a side.
+
+        Haar synthesis has no overlap between filter taps: a coefficient in band L (H) at level j
+        becomes the block ``c·s^j·(h ⊗ 1_{2^(j-1)})`` of 2^j samples with ``h = [1, 1]`` (``[1, −1]``)
+        and s = 1/√2. The ±1 patterns sit on A's side, both sides' ``s^j`` (= 2^-j, exact in any
+        float dtype) on B's side, so the pair needs no transform calls at all.
+        """
+        a_parts, b_parts = [], []
+        for index, bands in enumerate(self.by_level):
+            pairs = [self.factors(band) for band in bands]
+            a = torch.cat([a for _, a in pairs], dim=0)  # (bands·r) × n_j
+            b = torch.cat([b for b, _ in pairs], dim=1)  # m_j × (bands·r)
+            a_parts.append((a.unsqueeze(-1) * getattr(self, f"haar_a{index}")).flatten(-2))
+            b_parts.append((b.unsqueeze(1) * getattr(self, f"haar_b{index}")).flatten(0, 1))
+        if len(a_parts) == 1:
+            return a_parts[0], b_parts[0]
+        return torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         a_all, b_all = self.signal_factors()
         g = self.geometry
-        return g.up(g.down(self.dropout(x), a_all), b_all) * self.scaling
+        # α/r goes into the small m×(4r) factor, not onto the T×m output (one kernel fewer per pass)
+        b_all = b_all if self.scaling == 1.0 else b_all * self.scaling
+        return g.up(g.down(self.dropout(x), a_all), b_all)
+
+    @property
+    def dtype(self) -> torch.dtype:  # read on every forward: straight from the ParameterDict's storage
+        return next(iter(self.A._parameters.values())).dtype  # type: ignore[union-attr]
 
 
 @register_method
