@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -76,3 +77,27 @@ def test_compare_writes_and_prints_its_table(tmp_path: Path) -> None:
         main, ["segment", "compare", str(path), "--set", "trainer.devices=2", "--set", "run.name=other"]
     )
     assert again.exit_code == 2 and "one device" in again.output
+
+
+def test_settings_may_not_override_what_every_setting_shares() -> None:
+    """A fair table: data, split, evaluation and seed are the same for every contender."""
+    from pydantic import ValidationError
+
+    from pathopeft.config.segment import SegCompareSetting
+
+    ok = SegCompareSetting(
+        name="wide",
+        adapter={"method": "lora", "options": {"rank": 2}},
+        overrides=["model.decoder_channels=64"],
+    )
+    assert ok.overrides == ["model.decoder_channels=64"]
+    for override, hint in [
+        ("data.val_fraction=0.5", "set it in the base sections"),
+        ("seed=3", "set it in the base sections"),
+        ("optimizer.lr=0.1", "list its learning rates in lrs"),
+        ("data={}", "set it in the base sections"),
+    ]:
+        with pytest.raises(ValidationError, match=hint):
+            SegCompareSetting(
+                name="x", adapter={"method": "lora", "options": {"rank": 2}}, overrides=[override]
+            )

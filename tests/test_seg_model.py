@@ -146,8 +146,22 @@ def test_tuning_modes_and_trainable_counts() -> None:
         p.numel() for n, p in norms.encoder.model.named_parameters() if "norm" in n or n == "pos_embed"
     )
     assert trainable_summary(norms)["encoder_trainable"] == expected + extra
-    with pytest.raises(ValueError, match="match no parameter"):
+    with pytest.raises(ValueError, match=r"match no parameter of .*names like .*pos_embed"):
         build_model(_cfg(mode="frozen", extra_trainable=["nothing_here"]))
+
+
+def test_extra_trainable_alternatives_for_other_encoders_are_ignored_with_a_warning(caplog) -> None:
+    """Shipped configs name SAM's rel_pos next to pos_embed: a plain ViT trains pos_embed, says so."""
+    with caplog.at_level("WARNING", logger="pathopeft.seg.model"):
+        model = build_model(_cfg(mode="frozen", extra_trainable=["pos_embed", r".*rel_pos_[hw]"]))
+    trainable = [n for n, p in model.encoder.model.named_parameters() if p.requires_grad]
+    assert trainable == ["pos_embed"]
+    assert "rel_pos" in caplog.text and "ignored" in caplog.text
+
+
+def test_adapter_attach_errors_name_the_config_keys() -> None:
+    with pytest.raises(ValueError, match=r"adapter\.method='lora' \(adapter\.targets\).*selected no module"):
+        build_model(_cfg(method="lora", options={"rank": 2}, targets=r"no_such_layer"))
 
 
 def test_checkpoint_keys_leave_out_the_frozen_encoder() -> None:

@@ -265,3 +265,15 @@ def test_bad_data_fails_cleanly_without_a_run_folder(tmp_path: Path) -> None:
         main, [*args, "--set", "trainer.max_epochs=-5", "--set", "data.val_fraction=2"]
     )
     assert result.exit_code == 2 and "data.val_fraction" in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_predict_device_is_checked_before_any_work() -> None:
+    from pathopeft.config import ConfigError
+    from pathopeft.seg.predict import _device
+
+    assert _device("cpu").type == "cpu"
+    with pytest.raises(ConfigError, match="no CUDA device is available here"):
+        _device("cuda:1")
+    with pytest.raises(ConfigError, match="not a torch device"):
+        _device("gpu0")

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pathopeft.config.base import StrictModel
+from pathopeft.config.base import ConfigError, StrictModel, parse_override
 
 __all__ = [
     "SegAdapterConfig",
@@ -233,7 +233,33 @@ class SegmentTrainConfig(StrictModel):
     def _trainer_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
         from pathopeft.runs import validate_trainer_kwargs
 
+        for key in ("max_epochs", "max_steps"):
+            if value.get(key) == 0:
+                raise ValueError(f"trainer.{key}=0 trains nothing (no checkpoint to test or predict with)")
         return validate_trainer_kwargs(value)
+
+
+# What every ``compare`` setting shares, so the table compares tuning methods and nothing else:
+# the images, their split, how they are evaluated, the seed; ``optimizer.lr`` belongs to the sweep
+# and ``run`` to compare itself. A setting's ``overrides`` may not touch these.
+COMPARE_SHARED_KEYS = (
+    "seed",
+    "data.root",
+    "data.csv",
+    "data.images_dir",
+    "data.masks_dir",
+    "data.mask_suffix",
+    "data.num_classes",
+    "data.label_values",
+    "data.val_fraction",
+    "data.test_fraction",
+    "data.split_seed",
+    "data.mode",
+    "data.rescale",
+    "data.overlap",
+    "optimizer.lr",
+    "run",
+)
 
 
 class SegCompareSetting(StrictModel):
@@ -250,6 +276,27 @@ class SegCompareSetting(StrictModel):
     def _plain_name(cls, value: str) -> str:
         if not value or not all(ch.isalnum() or ch in "-_." for ch in value):
             raise ValueError("setting names may hold letters, digits, '-', '_' and '.' only")
+        return value
+
+    @field_validator("overrides")
+    @classmethod
+    def _fair_overrides(cls, value: list[str]) -> list[str]:
+        for text in value:
+            try:
+                key = ".".join(parse_override(text)[0])
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+            for shared in COMPARE_SHARED_KEYS:
+                if key == shared or key.startswith(shared + ".") or shared.startswith(key + "."):
+                    hint = (
+                        "list its learning rates in lrs"
+                        if shared == "optimizer.lr"
+                        else "set it in the base sections"
+                    )
+                    raise ValueError(
+                        f"override {text!r} changes {shared}, which every setting shares for a fair "
+                        f"comparison (same data, split, evaluation and seed); {hint}"
+                    )
         return value
 
 

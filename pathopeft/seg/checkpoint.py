@@ -94,7 +94,7 @@ def load_segmentation_checkpoint(
                 f"(sha256 {digest[:12]}…, recorded {str(encoder.get('weights_sha256'))[:12]}…)"
             )
         cfg.model.weights = str(weights)
-    model = build_model(cfg)
+    model = build_model(cfg, verbose=False)
     check_encoder(meta, model, source=str(path))
     saved = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
     state = model.state_dict()

@@ -75,13 +75,13 @@ def setting_config(
     return validate(SegmentTrainConfig, data, f"compare setting {setting.name!r}")
 
 
-def _single_process(trainer: dict[str, Any]) -> None:
+def _single_process(trainer: dict[str, Any], where: str = "") -> None:
     devices = trainer.get("devices", 1)
     strategy = str(trainer.get("strategy", "auto"))
     one = devices in (1, "1") or (isinstance(devices, list) and len(devices) == 1)
     if not one or "ddp" in strategy or "fsdp" in strategy or int(trainer.get("num_nodes", 1)) > 1:
         raise ConfigError(
-            "compare trains its settings one after another in one process: use one device "
+            f"{where}compare trains its settings one after another in one process: use one device "
             "(trainer.devices=1, no ddp/fsdp strategy); run `segment train` per setting for multi-GPU"
         )
 
@@ -91,7 +91,7 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Scores of a trained checkpoint on one split (a fresh model with the checkpoint's tensors)."""
     lightning.seed_everything(cfg.seed, workers=True, verbose=False)
-    model = build_model(cfg)
+    model = build_model(cfg, verbose=False)
     module = SegmentationModule(model, cfg)
     datamodule = SegDataModule(
         cfg.data,
@@ -118,15 +118,26 @@ def evaluate_checkpoint(
 def compare_settings(cfg: SegmentCompareConfig) -> CompareResult:
     """Run the sweep, pick each setting's lr on validation Dice, test it, write the tables."""
     _single_process(cfg.trainer)
+    root = Path(cfg.run.root) / cfg.run.name
+    # every run's config is built and checked before the first one trains: a bad override in the
+    # last setting must not surface hours later
+    plan = [
+        (setting, [(lr, setting_config(cfg, setting, lr, root)) for lr in setting.lrs or cfg.compare.lrs])
+        for setting in cfg.compare.settings
+    ]
+    for setting, runs_of in plan:
+        for _, run_cfg in runs_of:
+            _single_process(run_cfg.trainer, f"compare setting {setting.name!r}: ")
+    if not cfg.run.overwrite and root.is_dir() and any(root.iterdir()):
+        prepare_run_dir(cfg.run.root, cfg.run.name)  # raises its "already holds a run" error now
+    splits = load_splits(cfg)  # bad data fails before a comparison folder exists
     root = prepare_run_dir(cfg.run.root, cfg.run.name, overwrite=cfg.run.overwrite)
     dump_config(cfg, root / "config.yaml")
-    splits = load_splits(cfg)
     sweep_rows: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
-    for setting in cfg.compare.settings:
+    for setting, runs_of in plan:
         runs = []
-        for lr in setting.lrs or cfg.compare.lrs:
-            run_cfg = setting_config(cfg, setting, lr, root)
+        for lr, run_cfg in runs_of:
             log.info("compare: %s at lr %g", setting.name, lr)
             try:
                 summary = train_segmentation(run_cfg, run_test=False, splits=splits)

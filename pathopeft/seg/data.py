@@ -307,9 +307,13 @@ def _from_csv(csv: Path) -> list[Sample]:
 
 # ---------------------------------------------------------------------------------- checks, split
 def check_samples(samples: Sequence[Sample], labels: LabelMap) -> None:
-    """Every image readable, every mask readable with valid labels and the image's size."""
+    """Every image readable, every mask readable with valid labels and the image's size.
+
+    Images are decoded in full, not just their headers: a truncated file must fail here, named,
+    not in a DataLoader worker an epoch into training.
+    """
     for sample in samples:
-        height, width = image_shape(sample.image)
+        height, width = read_image(sample.image).shape[:2]
         if sample.mask is None:
             continue
         mask = read_mask(sample.mask, labels)

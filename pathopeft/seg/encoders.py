@@ -196,12 +196,33 @@ def _from_state(
         raise EncoderError(f"{source}: weights do not fit {name}: {_short(exc)}") from exc
 
 
+# The official image-encoder checkpoints a medical user downloads once, by timm SAM family.
+_SAM_FILES = {
+    "samvit_base": "sam_vit_b_01ec64.pth (SAM ViT-B) or medsam_vit_b.pth (MedSAM)",
+    "samvit_large": "sam_vit_l_0b3195.pth (SAM ViT-L)",
+    "samvit_huge": "sam_vit_h_4b8939.pth (SAM ViT-H)",
+}
+
+
 def _create(name: str, *, pretrained: bool, **kwargs: Any) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as exc:
-        source = "hub weights" if pretrained else "model"
-        raise EncoderError(f"model.encoder={name!r}: cannot build the {source}: {_short(exc)}") from exc
+        if pretrained:
+            raise EncoderError(_hub_failure(name, exc)) from exc
+        raise EncoderError(f"model.encoder={name!r}: cannot build the model: {_short(exc)}") from exc
+
+
+def _hub_failure(name: str, exc: BaseException) -> str:
+    """Why ``weights: hub`` failed and what to pass instead (most often: no network)."""
+    local = next((f for prefix, f in _SAM_FILES.items() if name.startswith(prefix)), None)
+    local = f"a local {local}" if local else f"a local weights file of {name} (.pth/.pt/.bin/.safetensors)"
+    return (
+        f"model.weights=hub: cannot get timm's pretrained weights of {name!r} ({_short(exc, 240)}). "
+        f"Offline? Pass {local} with --set model.weights=/path/to/file, or --set model.weights=none "
+        "for a random init (no pretraining; for tests). HF_HUB_OFFLINE=1 uses the local cache only "
+        "and skips the download retries."
+    )
 
 
 def _existing(path: Path) -> Path:

@@ -89,6 +89,10 @@ def image_scores(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     iou = MeanIoU(include_background=False, reduction="none", ignore_empty=True)(pred, truth)
     with warnings.catch_warnings():  # MONAI's HD metric calls its own deprecated argument internally
         warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+        # empty prediction / ground truth: handled below by this module's stated convention
+        warnings.filterwarnings(
+            "ignore", message="the (prediction|ground truth) of class", category=UserWarning
+        )
         hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(pred, truth)
     hd95 = hd95.to(dice.device, dice.dtype)
     has_pred = pred[:, 1:].flatten(2).any(-1)

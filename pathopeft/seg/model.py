@@ -66,7 +66,13 @@ def _tune_adapter(encoder: SegEncoder, cfg: SegAdapterConfig) -> None:
 
     if not hasattr(pa, "attach"):
         raise RuntimeError("pathopeft.adapters provides no attach(); adapter.mode=adapter is unavailable")
-    names = pa.attach(encoder.model, cfg.method, targets=cfg.targets, name="default", **cfg.options)
+    try:
+        names = pa.attach(encoder.model, cfg.method, targets=cfg.targets, name="default", **cfg.options)
+    except pa.AdapterError as exc:
+        # the adapter library knows no config keys; say which section of the run config to change
+        raise ValueError(
+            f"{encoder.record.name}: cannot attach adapter.method={cfg.method!r} (adapter.targets): {exc}"
+        ) from exc
     log.info("adapter %s attached to %d layer(s) of %s", cfg.method, len(names), encoder.record.name)
 
 
@@ -85,7 +91,7 @@ TUNING_MODES: dict[str, Callable[[SegEncoder, SegAdapterConfig], None]] = {
 }
 
 
-def _train_extras(encoder: SegEncoder, cfg: SegAdapterConfig) -> None:
+def _train_extras(encoder: SegEncoder, cfg: SegAdapterConfig, *, verbose: bool = True) -> None:
     """Unfreeze norm layers (``train_norms``) and parameters matching ``extra_trainable``."""
     if cfg.train_norms:
         for module in encoder.model.modules():
@@ -100,12 +106,43 @@ def _train_extras(encoder: SegEncoder, cfg: SegAdapterConfig) -> None:
                     param.requires_grad_(True)
                     hits[pattern.pattern] += 1
         unused = [p for p, n in hits.items() if n == 0]
+        name = encoder.record.name
+        if unused and len(unused) == len(hits):
+            raise ValueError(
+                f"adapter.extra_trainable {unused} match no parameter of {name} (full-match regexes on "
+                f"names like {_name_examples(encoder.model)}); train no extra parameters with "
+                "--set 'adapter.extra_trainable=[]', or give patterns for this encoder"
+            )
         if unused:
-            raise ValueError(f"adapter.extra_trainable {unused} match no parameter of {encoder.record.name}")
+            # Shipped configs list alternatives for several encoder families (SAM's ``rel_pos_h/w``
+            # next to every ViT's ``pos_embed``): switching encoder must not need a config edit,
+            # but a pattern that matches nothing is still said out loud.
+            used = {p: n for p, n in hits.items() if n}
+            log.log(
+                logging.WARNING if verbose else logging.DEBUG,
+                "adapter.extra_trainable %s match no parameter of %s and are ignored (%s train); "
+                "set adapter.extra_trainable=%s to silence this",
+                unused,
+                name,
+                ", ".join(f"{p!r}: {n} tensor(s)" for p, n in used.items()),
+                list(used),
+            )
 
 
-def build_model(cfg: SegmentTrainConfig) -> SegmentationModel:
-    """Encoder (weights loaded, fingerprinted) → tuning mode → extras → decoder."""
+def _name_examples(model: nn.Module, limit: int = 6) -> str:
+    """A few parameter names outside the repeated blocks (where positions, tokens and stems live)."""
+    names = [n for n, _ in model.named_parameters()]
+    outside = [n for n in names if not any(part.isdigit() for part in n.split("."))]
+    picked = (outside or names)[:limit]
+    return ", ".join(picked) + (" ..." if len(names) > len(picked) else "")
+
+
+def build_model(cfg: SegmentTrainConfig, *, verbose: bool = True) -> SegmentationModel:
+    """Encoder (weights loaded, fingerprinted) → tuning mode → extras → decoder.
+
+    ``verbose=False`` (rebuilding a trained checkpoint) keeps config warnings, already shown at
+    training time, out of the log.
+    """
     m = cfg.model
     encoder = build_encoder(
         m.encoder,
@@ -118,7 +155,7 @@ def build_model(cfg: SegmentTrainConfig) -> SegmentationModel:
     base_pointers = {t.data_ptr() for t in encoder.state_dict().values() if t.numel()}
     TUNING_MODES[cfg.adapter.mode](encoder, cfg.adapter)
     if cfg.adapter.mode != "full":
-        _train_extras(encoder, cfg.adapter)
+        _train_extras(encoder, cfg.adapter, verbose=verbose)
     decoder_name, decoder = build_decoder(m.decoder, encoder, cfg.data.num_classes, m.decoder_channels)
     model = SegmentationModel(encoder, decoder, num_classes=cfg.data.num_classes, decoder_name=decoder_name)
     model.base_pointers = base_pointers

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pathopeft.config import ConfigError
 from pathopeft.files import atomic_write_bytes
 from pathopeft.seg.checkpoint import load_segmentation_checkpoint
 from pathopeft.seg.data import IMAGE_SUFFIXES, LabelMap, SegDataError, find_images, read_image, rescale_pair
@@ -86,9 +87,24 @@ def overlay_image(image: np.ndarray, classes: np.ndarray, alpha: float = 0.35) -
 
 
 def _device(name: str) -> torch.device:
+    """``--device`` as a torch device, refused up front (exit 2) when this machine lacks it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: not a torch device (auto, cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {name}: no CUDA device is available here; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"--device {name}: this machine has {count} CUDA device(s) (cuda:0..{count - 1})"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS is not available here; use --device cpu")
+    return device
 
 
 def predict_masks(
