@@ -2,7 +2,8 @@
 
     python benchmarks/bench_gdat.py                      # CoMEL vs TransMIL vs ABMIL, D = 1024, fp32, CPU
     python benchmarks/bench_gdat.py --sizes 1000 10000   # quicker
-    python benchmarks/bench_gdat.py --grouping-study     # + file-order vs spatial grouping, trained
+    python benchmarks/bench_gdat.py --grouping-study     # only the file-order vs spatial grouping study
+    python benchmarks/bench_gdat.py --sizes 1000 10000 --grouping-study   # both
 
 Each (model, N) runs in a fresh subprocess so its peak memory is its own: the peak resident set
 size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) of that process, reported both as is and as
@@ -188,7 +189,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="instance counts of the scaling benchmark (default 1000 10000 100000; "
+        "with --grouping-study and no --sizes, only the study runs)",
+    )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
@@ -203,6 +211,10 @@ def main() -> None:
         print(json.dumps(_worker(name, int(n), int(dim), int(threads), args.checkpointing, args.grouping)))
         return
 
+    if args.sizes is None and args.grouping_study:
+        _grouping_study(args.seeds)
+        return
+    args.sizes = args.sizes or [1_000, 10_000, 100_000]
     print(f"forward+backward, D = {args.dim}, fp32, CPU, {args.threads} thread(s); one fresh process per run")
     results: dict[tuple[str, int], dict] = {}
     for n in args.sizes:

@@ -139,6 +139,21 @@ def test_fold_selection_and_val_carving(tmp_path):
         assign_splits(df, fold=9, val_fraction=0.2, seed=0)
 
 
+def test_no_validation_slides_says_why(tmp_path):
+    from pathopeft.mil.manifest import assign_splits
+
+    path = tmp_path / "m.csv"
+    path.write_text("slide_id,label\na,normal\nb,tumor\n")
+    df = read_manifest(path, CLASSES)
+    # one slide per class rounds to no validation slide: the message gives the counts, not "> 0"
+    with pytest.raises(
+        ConfigError, match=r"val_fraction=0.2 carves none .* 2 training slide\(s\) \(normal: 1, tumor: 1\)"
+    ):
+        assign_splits(df, fold=None, val_fraction=0.2, seed=0)
+    with pytest.raises(ConfigError, match=r"data.val_fraction is 0"):
+        assign_splits(df, fold=None, val_fraction=0.0, seed=0)
+
+
 # --- bags -----------------------------------------------------------------------------------
 def _square_annotations(folder: Path, *slides: str) -> Path:
     folder.mkdir(exist_ok=True)

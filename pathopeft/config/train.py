@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from pathopeft.config.base import StrictModel
 
@@ -91,25 +91,29 @@ class DataConfig(StrictModel):
             raise ValueError(f"class names must differ (case-insensitively): {value}")
         return value
 
-    @model_validator(mode="after")
-    def _negative_in_classes(self) -> DataConfig:
-        if self.negative_class is not None:
-            self.negative_index()
-        return self
+    @field_validator("negative_class")
+    @classmethod
+    def _negative_in_classes(cls, value: int | str | None, info: ValidationInfo) -> int | str | None:
+        """Checked here (not on the whole section) so an error names data.negative_class and its value."""
+        classes = info.data.get("classes")
+        if value is not None and classes:
+            _negative_index(value, classes)
+        return value
 
     def negative_index(self) -> int | None:
         """The negative class as an index into ``classes`` (None when there is none)."""
-        neg = self.negative_class
-        if neg is None:
-            return None
-        if isinstance(neg, int):
-            if not 0 <= neg < len(self.classes):
-                raise ValueError(f"negative_class {neg} is not an index into classes {self.classes}")
-            return neg
-        lowered = [c.lower() for c in self.classes]
-        if neg.lower() not in lowered:
-            raise ValueError(f"negative_class {neg!r} is not one of classes {self.classes}")
-        return lowered.index(neg.lower())
+        return None if self.negative_class is None else _negative_index(self.negative_class, self.classes)
+
+
+def _negative_index(neg: int | str, classes: list[str]) -> int:
+    if isinstance(neg, int):
+        if not 0 <= neg < len(classes):
+            raise ValueError(f"negative_class {neg} is not an index into classes {classes}")
+        return neg
+    lowered = [c.lower() for c in classes]
+    if neg.lower() not in lowered:
+        raise ValueError(f"negative_class {neg!r} is not one of classes {classes}")
+    return lowered.index(neg.lower())
 
 
 class CoMELOptions(StrictModel):

@@ -319,8 +319,14 @@ class MILDataModule(lightning.LightningDataModule):
         self.splits = df[df["slide_id"].isin(kept)][["slide_id", "label_name", "split"]].rename(
             columns={"label_name": "label"}
         )
-        if not self.split_items("val"):
-            raise ConfigError("no validation slides: add split=val rows, a fold, or data.val_fraction > 0")
+        for split in ("train", "val"):  # the manifest had some (assign_splits checks): bags are missing
+            if not self.split_items(split):
+                ids = df.loc[df["split"] == split, "slide_id"].tolist()
+                raise ConfigError(
+                    f"no {split} slides left: the bags of all {len(ids)} {split} slide(s) "
+                    f"({', '.join(ids[:10])}{', ...' if len(ids) > 10 else ''}) are missing or unreadable "
+                    "and were skipped (data.allow_missing); add their bags or move other slides to that split"
+                )
         if not self.split_items("test"):
             log.warning("the manifest has no test slides: the final evaluation uses the validation split")
             self.test_split = "val"

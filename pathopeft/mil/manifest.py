@@ -156,7 +156,8 @@ def assign_splits(df: pd.DataFrame, *, fold: int | None, val_fraction: float, se
 
     With ``fold``: rows of that fold are val, rows of other folds train (rows marked ``split=test``
     stay test). Otherwise the ``split`` column is used; rows without one are train. When no row is
-    val, a stratified ``val_fraction`` of train is carved out (seeded).
+    val, a stratified ``val_fraction`` of train is carved out (seeded). No training or no validation
+    slide at the end is a :class:`ConfigError` that says why.
     """
     df = df.copy()
     split = df["split"].fillna("train").astype(object)
@@ -170,13 +171,35 @@ def assign_splits(df: pd.DataFrame, *, fold: int | None, val_fraction: float, se
         in_fold = (df["fold"] == fold).fillna(False).to_numpy(bool)
         split = np.where(split == "test", "test", np.where(in_fold, "val", "train")).astype(object)
     df["split"] = split
-    if not (df["split"] == "val").any() and val_fraction > 0:
-        train = np.flatnonzero(df["split"].to_numpy() == "train")
-        carve = stratified_split(df["label"].to_numpy()[train], val_fraction, seed)
-        df.loc[df.index[train[carve]], "split"] = "val"
     if not (df["split"] == "train").any():
         raise ConfigError("no training slides after splitting the manifest")
+    if not (df["split"] == "val").any():
+        train = np.flatnonzero(df["split"].to_numpy() == "train")
+        if val_fraction > 0:
+            carve = stratified_split(df["label"].to_numpy()[train], val_fraction, seed)
+            df.loc[df.index[train[carve]], "split"] = "val"
+        if not (df["split"] == "val").any():
+            raise ConfigError(_no_validation_message(df.iloc[train], fold, val_fraction))
     return df
+
+
+def _no_validation_message(train: pd.DataFrame, fold: int | None, val_fraction: float) -> str:
+    """Why no slide ended up in validation, and what the user can do about it."""
+    if fold is not None:
+        return f"no validation slides: every slide of fold {fold} has split=test; choose another data.fold"
+    fixes = "add split=val rows to the manifest, or a fold column and data.fold"
+    if val_fraction <= 0:
+        return (
+            "no validation slides: the manifest has no split=val rows and data.val_fraction is 0; "
+            f"{fixes}, or set data.val_fraction > 0 (e.g. 0.2)"
+        )
+    counts = train["label_name"].value_counts().sort_index()
+    per_class = ", ".join(f"{name}: {count}" for name, count in counts.items())
+    return (
+        f"no validation slides: the manifest has no split=val rows, and data.val_fraction={val_fraction:g} "
+        f"carves none out of its {len(train)} training slide(s) ({per_class}): a class with a single "
+        f"training slide keeps it for training; {fixes}, or list more training slides"
+    )
 
 
 # --- building ---------------------------------------------------------------------------------
