@@ -165,10 +165,26 @@ class SegDataModule(lightning.LightningDataModule):
 
     def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
         workers = self.cfg.num_workers
+        sampler = None
+        trainer = self.trainer
+        # (a rank without any image would skip the epoch-end metric sync and hang the others: with
+        # fewer images than ranks Lightning's padding sampler stays, and an image may count twice)
+        if not train and trainer is not None and 1 < trainer.world_size <= len(dataset):  # type: ignore[arg-type]
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            # every image scored exactly once: Lightning's default DistributedSampler pads the
+            # shards to equal length by repeating images, which would count them twice
+            sampler = UnrepeatedDistributedSampler(
+                dataset,  # type: ignore[arg-type]
+                num_replicas=trainer.world_size,
+                rank=trainer.global_rank,
+                shuffle=False,
+            )
         return DataLoader(
             dataset,
             batch_size=self.cfg.batch_size if train else 1,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),

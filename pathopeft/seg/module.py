@@ -97,8 +97,7 @@ class SegmentationModule(lightning.LightningModule):
         """Gather per-image scores from every rank, average, log the same value everywhere."""
         width = self.model.num_classes - 1
         local = torch.cat(self._scores[stage]) if self._scores[stage] else torch.empty(0, 3, width)
-        gathered = self.all_gather(local.to(self.device))
-        summary = summarise_scores(gathered.reshape(-1, 3, width).float().cpu())
+        summary = summarise_scores(self._gather_rows(local.float()).cpu())
         self.results[stage] = summary
         for name in METRICS:
             value = summary[name]
@@ -106,6 +105,17 @@ class SegmentationModule(lightning.LightningModule):
             value_t = torch.tensor(float(value), device=self.device)  # type: ignore[arg-type]
             self.log(f"{stage}_{name}", value_t, prog_bar=name == "dice", sync_dist=True)
         self._scores[stage] = []
+
+    def _gather_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows, concatenated. Ranks may hold different numbers of images (evaluation
+        shards are not padded), while ``all_gather`` needs equal shapes: pad to the longest, trim."""
+        if self.trainer.world_size == 1:
+            return local
+        counts = self.all_gather(torch.tensor([len(local)], device=self.device)).flatten().tolist()
+        padded = local.new_zeros((max(counts), *local.shape[1:]))
+        padded[: len(local)] = local
+        gathered = self.all_gather(padded.to(self.device))
+        return torch.cat([gathered[rank, :count] for rank, count in enumerate(counts)])
 
     # -------------------------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict[str, Any]:

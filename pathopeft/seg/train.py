@@ -6,8 +6,9 @@ decoder only), ``metrics.csv``, ``plots/learning_curves.png``, ``trainable_param
 (the best checkpoint on the test split, which no choice was made on) and, in adapter mode,
 ``adapter/`` (the best adapter alone, ``pathopeft.adapters.save`` format).
 
-Under multi-process DDP, Lightning's DistributedSampler may repeat up to world_size − 1 validation
-or test images to give every rank the same count; run the test on one device for exact numbers.
+Under multi-process DDP the validation and test images are sharded without padding (each image is
+scored exactly once) and the per-image scores of all ranks are gathered before averaging, so the
+metrics equal a one-device run's.
 """
 
 from __future__ import annotations
