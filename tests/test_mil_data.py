@@ -328,3 +328,14 @@ def test_pandas_reads_manifest_written_by_the_command(tmp_path):
     labels.write_text("slide_id,label\na,normal\nb,tumor\n")
     table = build_manifest(labels, None, val_fraction=0.5)
     assert isinstance(table, pd.DataFrame) and set(table.columns) == {"slide_id", "label", "split"}
+
+
+def test_slide_ids_from_a_folder_match_pathopeft_tile_naming(tmp_path):
+    from pathopeft.mil.manifest import slides_in
+
+    for name in ("a.ome.tiff", "b.svs", "c.qptiff", "d.h5", "notes.txt", ".hidden.svs"):
+        (tmp_path / name).write_bytes(b"")
+    assert slides_in(tmp_path) == ["a", "b", "c", "d"]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label\na.ome.tiff,tumor\nb.svs,normal\nc,normal\n")
+    assert read_labels(labels)["slide_id"].tolist() == ["a", "b", "c"]

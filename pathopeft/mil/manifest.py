@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pathopeft.config import ConfigError
+from pathopeft.wsi.discovery import SLIDE_SUFFIXES, slide_id_for
 
 __all__ = [
     "SPLITS",
@@ -36,9 +37,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-_SLIDE_SUFFIXES = {
-    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm", ".isyntax",
-}  # fmt: skip
 _BAG_SUFFIXES = {".h5", ".hdf5", ".pt"}
 
 
@@ -249,7 +247,7 @@ def slides_in(source: str | Path) -> list[str]:
         return slides_in(source / "manifest.csv")
     files = [p for p in source.rglob("*") if p.is_file() and not p.name.startswith(".")]
     bags = {p.stem for p in files if p.suffix.lower() in _BAG_SUFFIXES}
-    slides = {_strip_suffix(p.name) for p in files if p.suffix.lower() in _SLIDE_SUFFIXES}
+    slides = {slide_id_for(p) for p in files if p.suffix.lower() in SLIDE_SUFFIXES}
     found = sorted(bags | slides)
     if not found:
         raise ConfigError(f"{source}: no slides, feature bags or tiles/manifest.csv found")
@@ -308,8 +306,9 @@ def build_manifest(
 
 
 def _strip_suffix(name: str) -> str:
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
+    """A slide id as ``pathopeft tile`` names it, from a file name (bag or slide) or a bare id."""
     path = Path(name)
-    return path.stem if path.suffix.lower() in _SLIDE_SUFFIXES | _BAG_SUFFIXES else name
+    suffix = path.suffix.lower()
+    if suffix in _BAG_SUFFIXES:
+        return path.stem
+    return slide_id_for(path) if suffix in SLIDE_SUFFIXES else name
