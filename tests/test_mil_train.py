@@ -125,7 +125,10 @@ def test_train_writes_the_run_folder_and_loadable_checkpoints(cohort, tmp_path):
     # checkpoints load without unpickling code and rebuild the model from their own metadata
     ckpt = load_checkpoint(run / "best.ckpt")
     hp = ckpt["hyper_parameters"]
-    assert hp["tasks"] == [{"name": "camelyon16", "classes": ["normal", "tumor"]}]
+    (task,) = hp["tasks"]
+    assert task["name"] == "camelyon16" and task["classes"] == ["normal", "tumor"]
+    assert task["negative_class"] == 0 and task["backbone"] == "synthetic" and task["in_dim"] == 32
+    assert task["manifest"] == [str(cohort.manifest.resolve())]
     assert hp["model"]["name"] == "comel" and hp["model"]["in_dim"] == 32
     assert "tau2" in ckpt["state_dict"]
     rebuilt = MILModule.from_checkpoint(run / "best.ckpt")

@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "train": "pathopeft.cli.train:train",
     "manifest": "pathopeft.cli.manifest:manifest",
     "segment": "pathopeft.cli.segment:segment",
+    "add-task": "pathopeft.cli.add_task:add_task",
+    "tasks": "pathopeft.cli.tasks:tasks",
 }
 
 

@@ -31,11 +31,30 @@ from pathopeft.config.wsi import SynthConfig
     default=None,
     help="brightfield H&E-like (default), fluorescence (dark background) or blank (glass only).",
 )
+@click.option(
+    "--feature-tasks",
+    default=None,
+    metavar="NAMES",
+    help="Instead of slides: feature bags of a continual task sequence, e.g. breast,liver,colon "
+    "(one lesion type per organ; see pipelines/synthetic_3task.yaml).",
+)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @set_option
 @handle_errors
 def synth(out: Path, config_path: Path | None, overrides: tuple[str, ...], **flags: object) -> None:
     """Write synthetic pyramidal JPEG TIFF slides to OUT (+ annotations/*.geojson, labels.csv)."""
+    tasks = flags.pop("feature_tasks")
+    if tasks:
+        from pathopeft.mil.synthetic import make_task_sequence
+
+        names = tuple(t.strip() for t in str(tasks).split(",") if t.strip())
+        seed = int(flags["seed"] or 0)  # type: ignore[call-overload]
+        cohorts = make_task_sequence(out, names, seed=seed)
+        for c in cohorts:
+            click.echo(
+                f"wrote {len(c.slide_ids)} bags to {c.root} (ideal instance AUC {c.ideal_instance_auc:.3f})"
+            )
+        return
     from pathopeft.wsi.synth import make_synthetic_cohort
 
     size = flags.pop("size")

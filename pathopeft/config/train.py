@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from pathopeft.config.base import StrictModel
 
@@ -21,6 +21,7 @@ __all__ = [
     "ABMILOptions",
     "BPPLConfig",
     "CoMELOptions",
+    "ContinualConfig",
     "DataConfig",
     "EvaluationConfig",
     "ModelConfig",
@@ -193,11 +194,101 @@ class ScheduleConfig(StrictModel):
 
 
 class BPPLConfig(StrictModel):
-    """Bag-prototype pseudo-labelling (METHODS.md, CoMEL); used by every model when enabled."""
+    """Bag-prototype pseudo-labelling (METHODS.md, CoMEL); used by every model when enabled.
+
+    ``preset: published`` is the authors' continual-code setting exactly (T = 1, raw cosines, both
+    labels kept, τ₁ = 0.95); it refuses other values for those keys. The defaults were chosen by
+    ``benchmarks/bench_bppl.py`` (see ``benchmarks/RESULTS.md``).
+    """
 
     enabled: bool = True
     weight: float = Field(1.0, ge=0, description="total loss = CE_bag + weight · L_BPPL")
     tau1: float = Field(0.95, ge=0, le=1, description="bag confidence needed for pseudo-labels")
+    temperature: float | None = Field(
+        None,
+        gt=0,
+        description="softmax temperature over the two prototype cosines; null = 0.1 (published: 1.0)",
+    )
+    center: bool | None = Field(
+        None,
+        description="subtract the prototypes' midpoint before the cosines; null = true (published: false)",
+    )
+    keep: Literal["both", "positive"] | None = Field(
+        None,
+        description="pseudo-labels that train the scores: both (tumour and normal) or positive; null = both",
+    )
+    preset: Literal["published"] | None = Field(
+        None, description="published = T 1.0, center false, keep both, tau1 0.95 (the authors' code)"
+    )
+
+    @model_validator(mode="after")
+    def _apply_preset(self) -> BPPLConfig:
+        """Refuse settings that contradict the preset (unset keys are filled by :meth:`effective`)."""
+        from pathopeft.mil.bppl import PUBLISHED
+
+        if self.preset == "published":
+            clash = [
+                f"bppl.{key}={getattr(self, key)!r}"
+                for key in PUBLISHED
+                if key != "tau1" and getattr(self, key) is not None and getattr(self, key) != PUBLISHED[key]
+            ]
+            if self.tau1 != PUBLISHED["tau1"]:
+                clash.append(f"bppl.tau1={self.tau1!r}")
+            if clash:
+                raise ValueError(
+                    f"bppl.preset=published fixes {', '.join(PUBLISHED)}; remove {', '.join(clash)}"
+                )
+        return self
+
+    def effective(self) -> dict[str, Any]:
+        """Every BPPL setting with the unset ones filled from the preset or the shipped defaults."""
+        from pathopeft.mil.bppl import PUBLISHED, SHIPPED
+
+        chosen = PUBLISHED if self.preset == "published" else SHIPPED
+        out = self.model_dump()
+        for key, value in chosen.items():
+            if key != "tau1" and out[key] is None:
+                out[key] = value
+        return out
+
+
+class ContinualConfig(StrictModel):
+    """How ``pathopeft add-task`` (and a pipeline) adds this task to a trained model (METHODS.md, OWLoRA).
+
+    Ignored by a plain ``pathopeft train`` of a first task, except that a pipeline trains every
+    task with the same ``method``.
+    """
+
+    method: Literal["owlora", "lora", "finetune", "ewc", "replay", "joint"] = Field(
+        "owlora", description="owlora | lora (per-task LoRA) | finetune | ewc (online) | replay | joint"
+    )
+    rank: int = Field(16, ge=1, description="adapter rank per added task (owlora, lora)")
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict, description="layer-name regex or suffix → rank, e.g. {qkv: 48}"
+    )
+    protect_base: bool = Field(
+        True, description="owlora, 1st added task: project off the base weight's top singular subspace"
+    )
+    base_energy: float = Field(0.99, gt=0, le=1, description="energy of that protected subspace")
+    ortho_lambda: float = Field(1.0, ge=0, description="λ of the orthogonality penalty (owlora)")
+    projection: bool = Field(True, description="owlora: gradient projection off earlier tasks' subspaces")
+    project_updates: bool = Field(True, description="owlora: also project each optimizer step's update")
+    alpha: float | None = Field(None, gt=0, description="lora: α (default: the rank, i.e. scale 1)")
+    ewc_lambda: float = Field(100.0, ge=0, description="ewc: penalty weight λ")
+    ewc_gamma: float = Field(1.0, ge=0, le=1, description="ewc: decay of the earlier Fisher (online EWC)")
+    buffer_size: int = Field(30, ge=1, description="replay: reservoir buffer of earlier-task bags")
+    evaluate_earlier: bool = Field(
+        True, description="after training, evaluate every earlier task whose bags are still readable"
+    )
+
+    def strategy(self, seed: int = 0) -> dict[str, Any]:
+        """The strategy options the Lightning module records (plain types)."""
+        out = self.model_dump(exclude={"evaluate_earlier"})
+        out["name"] = out.pop("method")
+        if out["alpha"] is None:
+            out.pop("alpha")
+        out["seed"] = seed
+        return out
 
 
 class EvaluationConfig(StrictModel):
@@ -222,6 +313,7 @@ class TrainConfig(StrictModel):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     bppl: BPPLConfig = Field(default_factory=BPPLConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    continual: ContinualConfig = Field(default_factory=ContinualConfig)
     trainer: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_TRAINER))
     run: RunConfig = Field(default_factory=RunConfig)
     seed: int = 0

@@ -164,17 +164,27 @@ class MILModel(nn.Module):
                 return task
         raise KeyError(f"unknown task {name!r}; the model has {[t.name for t in self.tasks]}")
 
-    def adapter_targets(self) -> str:
-        """A full-match regex naming every ``nn.Linear`` an adapter may wrap (METHODS.md, OWLoRA).
+    def adapter_layers(self) -> list[str]:
+        """Names of every linear layer an adapter may wrap (METHODS.md, OWLoRA), in module order.
 
-        Excludes the classifier heads and the attention scorer's 1-unit output (``pool.score``).
+        Plain ``nn.Linear`` layers and ones already wrapped by an adapter (a later task adds its own
+        adapter next to the earlier ones), excluding the classifier heads, the attention scorer's
+        1-unit output (``pool.score``) and any other single-output linear.
         """
-        names = [
-            name
-            for name, module in self.named_modules()
-            if isinstance(module, nn.Linear) and not self._adapter_excluded(name)
-        ]
-        return "(" + "|".join(re.escape(n) for n in names) + ")"
+        from pathopeft.adapters import AdaptedLayer
+
+        names = []
+        for name, module in self.named_modules():
+            base = module.base_layer if isinstance(module, AdaptedLayer) else module
+            if ".base_layer" in name or not isinstance(base, nn.Linear):
+                continue
+            if base.out_features > 1 and not self._adapter_excluded(name):
+                names.append(name)
+        return names
+
+    def adapter_targets(self) -> str:
+        """A full-match regex naming :meth:`adapter_layers`."""
+        return "(" + "|".join(re.escape(n) for n in self.adapter_layers()) + ")"
 
     @staticmethod
     def _adapter_excluded(name: str) -> bool:

@@ -25,7 +25,7 @@ import lightning
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from pathopeft.bags import BagError, bag_shape, find_bag, read_bag
 from pathopeft.config import ConfigError
@@ -223,11 +223,13 @@ class BagDataset(Dataset):
         coords_dir: str | Path | None = None,
         tile_labels: dict[str, np.ndarray] | None = None,
         max_instances: int | None = None,
+        task: int | None = None,
     ) -> None:
         self.items = items
         self.coords_dir = coords_dir
         self.tile_labels = tile_labels or {}
         self.max_instances = max_instances
+        self.task = task  # index of the task in a continual model (None: the module's training task)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -256,6 +258,7 @@ class BagDataset(Dataset):
             else torch.as_tensor((labels if keep is None else labels[keep]).astype(np.int64)),
             "slide_id": item.slide_id,
             "index": index,
+            "task": self.task,
         }
         return out
 
@@ -278,10 +281,12 @@ def collate_bags(batch: list[dict[str, Any]]) -> dict[str, Any]:
             tile[i, :n] = b["tile_labels"]
         if coords is not None:
             coords[i, :n] = b["coords"]
+    tasks = [b.get("task") for b in batch]
     return {
         "features": features,
         "mask": mask,
         "coords": coords,
+        "tasks": None if any(t is None for t in tasks) else torch.tensor(tasks, dtype=torch.long),
         "labels": torch.tensor([b["label"] for b in batch], dtype=torch.long),
         "tile_labels": tile,
         "slide_ids": [b["slide_id"] for b in batch],
@@ -292,9 +297,14 @@ def collate_bags(batch: list[dict[str, Any]]) -> dict[str, Any]:
 class MILDataModule(lightning.LightningDataModule):
     """Manifest → splits → located bags → train/val/test loaders (DDP-aware)."""
 
-    def __init__(self, cfg: DataConfig, *, in_dim: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, cfg: DataConfig, *, in_dim: int | None = None, seed: int = 0, task: int | None = None
+    ) -> None:
         super().__init__()
         self.cfg = cfg
+        self.task = task  # this data's task index in a continual model (None: the training task)
+        # bags of other tasks trained alongside (experience replay, joint training): (task index, dataset)
+        self.extra_train: list[BagDataset] = []
         self.seed = seed
         self.requested_dim = in_dim
         self.items: list[SlideItem] | None = None
@@ -345,6 +355,7 @@ class MILDataModule(lightning.LightningDataModule):
             coords_dir=self.cfg.coords_dir,
             tile_labels=self.tile_labels,
             max_instances=self.cfg.max_instances_train if train else None,
+            task=self.task,
         )
 
     def _loader(self, dataset: BagDataset, *, shuffle: bool, eval_mode: bool) -> DataLoader:
@@ -368,7 +379,10 @@ class MILDataModule(lightning.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("train", train=True), shuffle=True, eval_mode=False)
+        dataset: Any = self._dataset("train", train=True)
+        if self.extra_train:
+            dataset = ConcatDataset([dataset, *self.extra_train])
+        return self._loader(dataset, shuffle=True, eval_mode=False)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("val", train=False), shuffle=False, eval_mode=True)

@@ -27,7 +27,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-__all__ = ["BagMetrics", "InstanceMetrics", "TileOverlap", "bag_metrics"]
+__all__ = ["BagMetrics", "InstanceMetrics", "TileOverlap", "bag_metrics", "best_threshold"]
 
 
 def bag_metrics(num_classes: int) -> MetricCollection:
@@ -162,3 +162,29 @@ class InstanceMetrics(nn.Module):
     def reset(self) -> None:
         for metric in (self.auroc, self.accuracy, self.f1, self.overlap, self.labelled, self.positives):
             metric.reset()
+
+
+def best_threshold(probs: Tensor, labels: Tensor, fixed: float | None = None) -> tuple[float, float]:
+    """``(threshold, balanced accuracy)`` for a two-class task's positive-class probabilities.
+
+    Without ``fixed``: the threshold (midpoint between neighbouring probabilities) that maximises
+    balanced accuracy, ties broken towards 0.5; with ``fixed``: that threshold's balanced accuracy.
+    A split with one class only gives ``(0.5 or fixed, nan)``.
+    """
+    p = probs.detach().double().flatten().cpu()
+    y = labels.detach().flatten().cpu() > 0.5
+    if p.numel() == 0 or bool(y.all()) or not bool(y.any()):
+        return (0.5 if fixed is None else float(fixed)), float("nan")
+
+    def balanced(t: float) -> float:
+        pred = p >= t
+        return 0.5 * (
+            float((pred & y).sum()) / float(y.sum()) + float((~pred & ~y).sum()) / float((~y).sum())
+        )
+
+    if fixed is not None:
+        return float(fixed), balanced(float(fixed))
+    values = torch.unique(p)
+    candidates = [0.5] + [float(t) for t in (values[:-1] + values[1:]) / 2] + [float(values[0]) - 1e-9]
+    best = max(candidates, key=lambda t: (balanced(t), -abs(t - 0.5)))
+    return best, balanced(best)

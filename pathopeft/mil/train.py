@@ -26,54 +26,112 @@ from pathopeft.mil.data import MILDataModule
 from pathopeft.mil.module import MILModule
 from pathopeft.runs import build_trainer, prepare_run_dir
 
-__all__ = ["build_module", "train"]
+__all__ = ["build_module", "task_provenance", "train"]
 
 log = logging.getLogger(__name__)
 
 
-def build_module(config: TrainConfig, in_dim: int) -> MILModule:
+def task_provenance(config: TrainConfig, data: MILDataModule | None = None) -> dict[str, Any]:
+    """What a checkpoint records of a task's data (plain types): where to find it again, and which
+    features it was trained on (a later task must use the same backbone and feature size)."""
+    features = data.features_dir if data is not None and data.features_dir is not None else None
+    return {
+        "negative_class": config.data.negative_index(),
+        "manifest": [str(Path(m).resolve()) for m in config.data.manifest],
+        "features_dir": str(Path(config.data.features_dir).resolve()),
+        "backbone": features.name if features is not None else config.data.backbone,
+        "coords_dir": None if config.data.coords_dir is None else str(Path(config.data.coords_dir).resolve()),
+        "annotations": None
+        if config.data.annotations is None
+        else str(Path(config.data.annotations).resolve()),
+        "in_dim": data.in_dim if data is not None else config.model.in_dim,
+    }
+
+
+def build_module(
+    config: TrainConfig,
+    in_dim: int,
+    data: MILDataModule | None = None,
+    strategy: dict[str, Any] | None = None,
+) -> MILModule:
     """The Lightning module for ``config`` with the feature size read from the bags."""
     task = Task(config.data.task, tuple(config.data.classes))
     return MILModule(
         model={"name": config.model.name, "in_dim": in_dim, **config.model.options()},
-        tasks=[task.to_dict()],
+        tasks=[{**task.to_dict(), **task_provenance(config, data)}],
         optimizer=config.optimizer.model_dump(),
         schedule=config.schedule.model_dump(),
-        bppl=config.bppl.model_dump(),
+        bppl=config.bppl.effective(),
         evaluation=config.evaluation.model_dump(),
         negative_class=config.data.negative_index(),
+        strategy=strategy,
     )
 
 
-def train(config: TrainConfig) -> Path:
-    """Train, pick the best checkpoint on validation, evaluate it on the test split; return the run folder."""
+def train(config: TrainConfig, *, resume: bool = False) -> Path:
+    """Train, pick the best checkpoint on validation, evaluate it on the test split; return the run folder.
+
+    ``resume`` continues an interrupted run in the same folder from its ``last.ckpt`` (a finished
+    run, one with ``test_metrics.json``, is left as it is).
+    """
     lightning.seed_everything(config.seed, workers=True, verbose=False)
-    run_dir = Path(config.run.root) / config.run.name
-    if rank_zero_only.rank == 0 and not config.run.overwrite and run_dir.is_dir() and any(run_dir.iterdir()):
-        prepare_run_dir(config.run.root, config.run.name)  # fails now, not after reading every bag
+    run_dir = check_run_dir(config, resume)
     data = MILDataModule(config.data, in_dim=config.model.in_dim, seed=config.seed)
     data.prepare()
-    assert data.in_dim is not None and data.splits is not None
+    assert data.in_dim is not None
+    module = build_module(config, data.in_dim, data)
+    return fit_and_test(config, module, data, run_dir, resume=resume)
+
+
+def check_run_dir(config: TrainConfig, resume: bool) -> Path:
+    """Fail before any bag is read when the run folder holds another run (and resuming is not asked)."""
+    run_dir = Path(config.run.root) / config.run.name
+    busy = run_dir.is_dir() and any(run_dir.iterdir())
+    if rank_zero_only.rank == 0 and busy and not config.run.overwrite and not resume:
+        prepare_run_dir(config.run.root, config.run.name)  # raises the "already holds a run" error
+    return run_dir
+
+
+def fit_and_test(
+    config: TrainConfig,
+    module: MILModule,
+    data: MILDataModule,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    report: dict[str, Any] | None = None,
+) -> Path:
+    """The shared tail of ``train`` and ``add-task``: run folder, fit, test on the best checkpoint."""
+    assert data.splits is not None
+    last = run_dir / "last.ckpt"
+    resuming = resume and last.is_file()
+    if resume and (run_dir / "test_metrics.json").is_file():
+        log.info("%s is complete; nothing to resume", run_dir)
+        return run_dir
     if rank_zero_only.rank == 0:
-        run_dir = prepare_run_dir(config.run.root, config.run.name, overwrite=config.run.overwrite)
+        if not resuming:
+            run_dir = prepare_run_dir(
+                config.run.root, config.run.name, overwrite=config.run.overwrite or resume
+            )
         resolved = config.model_copy(deep=True)
         resolved.model.in_dim = data.in_dim
         dump_config(resolved, run_dir / "config.yaml")
         atomic_write_text(run_dir / "splits.csv", data.splits.to_csv(index=False))
-    module = build_module(config, data.in_dim)
     module.predictions_dir = run_dir / "predictions"
     trainer = build_trainer(config.trainer, run_dir, monitor=config.run.monitor, mode=config.run.monitor_mode)
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if resuming else None)
     checkpoint = "best" if (run_dir / "best.ckpt").is_file() else "last"
     trainer.test(module, datamodule=data, ckpt_path=checkpoint, verbose=False)
+    module.best_checkpoint = run_dir / f"{checkpoint}.ckpt"
     if trainer.is_global_zero:
-        report: dict[str, Any] = {
+        summary: dict[str, Any] = {
             "task": config.data.task,
             "split": data.test_split,
             "n_slides": len(data.split_items(data.test_split)),
             "checkpoint": f"{checkpoint}.ckpt",
             "model": config.model.name,
+            **(report or {}),
             **module.test_results,
         }
-        atomic_write_json(run_dir / "test_metrics.json", report)
+        atomic_write_json(run_dir / "test_metrics.json", summary)
     return run_dir

@@ -1,0 +1,1 @@
+"""Continual task addition: strategies (OWLoRA and baselines), add-task, pipelines, result matrices."""

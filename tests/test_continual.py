@@ -1,0 +1,273 @@
+"""Continual task addition: add-task, tasks, pipelines, OWLoRA's guarantees, bad input (METHODS.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pathopeft.cli import main
+from pathopeft.config import ConfigError, load_config
+from pathopeft.config.train import TrainConfig
+from pathopeft.mil.continual.add_task import add_task, extend_module
+from pathopeft.mil.continual.evaluation import task_mode
+from pathopeft.mil.continual.pipeline import run_pipeline, transfer_metrics
+from pathopeft.mil.data import MILDataModule
+from pathopeft.mil.module import MILModule
+from pathopeft.mil.synthetic import make_task_sequence
+from pathopeft.mil.train import train
+from pathopeft.runs import load_checkpoint
+
+ORGANS = ("breast", "liver", "colon")
+SMALL = [
+    "model.comel.embed_dim=32", "model.comel.heads=2", "model.comel.groups=8", "model.comel.attn_hidden=32",
+    "model.abmil.embed_dim=32", "continual.rank=2", "trainer.max_epochs=2", "optimizer.lr=1e-3",
+]  # fmt: skip
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic_task.yaml"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def cohorts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tasks")
+    return make_task_sequence(root, ORGANS, dim=16, n_bags=(8, 4, 4), tiles=(30, 60), signal=4.0)
+
+
+def _sets(cohort, organ: str, root: Path, name: str, *extra: str) -> list[str]:
+    return [
+        f"data.manifest={cohort.manifest}", f"data.features_dir={cohort.root / 'features'}",
+        f"data.annotations={cohort.annotations_dir}", f"data.task={organ}",
+        f"data.classes=[{organ}_normal,{organ}_tumor]", f"run.root={root}", f"run.name={name}",
+        *SMALL, *extra,
+    ]  # fmt: skip
+
+
+def _cfg(cohort, organ, root, name, *extra) -> TrainConfig:
+    return load_config(TrainConfig, CONFIG, _sets(cohort, organ, root, name, *extra))
+
+
+@pytest.fixture(scope="module")
+def sequence(cohorts, tmp_path_factory):
+    """breast trained, then liver and colon added with OWLoRA (separate run folders)."""
+    root = tmp_path_factory.mktemp("runs")
+    first = train(_cfg(cohorts[0], "breast", root, "t0"))
+    sha0 = _sha(first / "best.ckpt")
+    second = add_task(first / "best.ckpt", _cfg(cohorts[1], "liver", root, "t1"))
+    third = add_task(second / "best.ckpt", _cfg(cohorts[2], "colon", root, "t2"))
+    return {"root": root, "runs": [first, second, third], "sha0": sha0}
+
+
+def _bag(cohort, slide: str = "test_001"):
+    from pathopeft.bags import read_bag
+
+    prefix = cohort.slide_ids[0].split("_")[0]
+    bag = read_bag(cohort.features_dir / f"{prefix}_{slide}.h5")
+    return torch.from_numpy(bag.features), torch.from_numpy(bag.coords)
+
+
+def test_checkpoint_holds_every_task_and_rebuilds_without_pickle(sequence, cohorts):
+    ckpt = load_checkpoint(sequence["runs"][2] / "best.ckpt")
+    hp = ckpt["hyper_parameters"]
+    assert [t["name"] for t in hp["tasks"]] == list(ORGANS)
+    assert [a["task"] for a in hp["adapters"]] == ["liver", "colon"]
+    assert all(a["method"] == "owlora" for a in hp["adapters"])
+    module = MILModule.from_checkpoint(sequence["runs"][2] / "best.ckpt")
+    assert [t.name for t in module.tasks] == list(ORGANS)
+    x, c = _bag(cohorts[2])
+    with torch.no_grad():
+        out = module.model(x, coords=c)  # class-incremental: every class seen
+    assert out.logits.shape == (1, 6)
+
+
+def test_task_aware_outputs_of_the_first_task_are_bit_identical(sequence, cohorts):
+    x, c = _bag(cohorts[0])
+    before = MILModule.from_checkpoint(sequence["runs"][0] / "best.ckpt")
+    after = MILModule.from_checkpoint(sequence["runs"][2] / "best.ckpt")
+    with torch.no_grad():
+        ref = before.model(x, coords=c, task="breast")
+        with task_mode(after, "breast"):
+            got = after.model(x, coords=c, task="breast")
+        with task_mode(after, "liver"):  # liver's view: its adapter on, colon's off
+            liver = after.model(x, coords=c, task="liver")
+        mid = MILModule.from_checkpoint(sequence["runs"][1] / "best.ckpt")
+        liver_then = mid.model(x, coords=c, task="liver")
+    assert torch.equal(ref.logits, got.logits) and torch.equal(ref.attention, got.attention)
+    assert torch.equal(liver.logits, liver_then.logits)
+
+
+def test_input_checkpoint_is_unchanged_and_added_tasks_train_few_parameters(sequence, cohorts):
+    assert _sha(sequence["runs"][0] / "best.ckpt") == sequence["sha0"]
+    cfg = _cfg(cohorts[1], "liver", sequence["root"], "probe")
+    data = MILDataModule(cfg.data, seed=0, task=1)
+    data.prepare()
+    module = extend_module(load_checkpoint(sequence["runs"][0] / "best.ckpt"), cfg, data)
+    total = sum(p.numel() for p in module.parameters())
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    share = sum(p.numel() for p in module.parameters() if p.requires_grad) / total
+    assert share <= 0.10, share
+    assert trainable and all(".adapters.liver." in n or n.startswith("model.heads.liver.") for n in trainable)
+    report = json.loads((sequence["runs"][1] / "test_metrics.json").read_text())
+    assert report["method"] == "owlora" and "parameters train" in report["trainable"]
+
+
+def _span(matrix: torch.Tensor) -> torch.Tensor:
+    u, sv, _ = torch.linalg.svd(matrix, full_matrices=False)
+    return u[:, sv > sv.max() * 1e-4] if sv.numel() and sv.max() > 0 else u[:, :0]
+
+
+def test_owlora_strategy_projects_each_step_off_the_earlier_adapters(sequence, cohorts):
+    """The optimizer Lightning gets moves colon's A/B only outside liver's row/column spaces."""
+    import pathopeft.adapters as pa
+
+    cfg = _cfg(cohorts[2], "colon", sequence["root"], "probe2")
+    data = MILDataModule(cfg.data, seed=0, task=2)
+    data.prepare()
+    module = extend_module(load_checkpoint(sequence["runs"][1] / "best.ckpt"), cfg, data)
+    optimizer = module.configure_optimizers()["optimizer"]
+    layers = [layer for _, layer in pa.adapted_layers(module.model)]
+    before = [
+        (layer.adapters["colon"].A.detach().clone(), layer.adapters["colon"].B.detach().clone())
+        for layer in layers
+    ]
+    torch.manual_seed(1)
+    for p in module.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    optimizer.step()
+    moved = 0.0
+    for layer, (a0, b0) in zip(layers, before):
+        liver, colon = layer.adapters["liver"], layer.adapters["colon"]
+        rows = _span(liver.A.detach().T)  # liver's row space (n × k)
+        cols = _span(liver.B.detach())  # its column space (directions B really uses)
+        step_a = colon.A.detach() - a0
+        moved += float(step_a.abs().sum())
+        assert (step_a @ rows).abs().max() < 1e-5
+        if cols.shape[1]:
+            assert (cols.T @ (colon.B.detach() - b0)).abs().max() < 1e-5
+    assert moved > 0  # the step did change the new adapter
+    loss = module.strategy.extra_losses(module, None, {})
+    assert set(loss) == {"ortho"} and loss["ortho"].requires_grad
+
+
+def test_tasks_command_lists_what_was_trained(sequence):
+    result = CliRunner().invoke(main, ["tasks", str(sequence["runs"][2] / "best.ckpt")])
+    assert result.exit_code == 0, result.output
+    for organ in ORGANS:
+        assert organ in result.output
+    assert "owlora:liver(r=2)" in result.output and "after colon" in result.output
+    csv = CliRunner().invoke(main, ["tasks", str(sequence["runs"][2] / "best.ckpt"), "--csv"])
+    lines = csv.output.strip().splitlines()
+    assert lines[0].startswith("task,classes,negative_class,manifest,adapters") and len(lines) == 4
+
+
+@pytest.mark.parametrize(
+    ("extra", "organ_classes", "message"),
+    [
+        (["data.task=breast"], None, "already has a task"),
+        ([], "[liver_normal,breast_tumor]", "already name classes"),
+        (["model.name=abmil"], None, "model.name"),
+    ],
+)
+def test_bad_add_task_requests_fail_before_anything_is_written(
+    sequence, cohorts, extra, organ_classes, message
+):
+    root = sequence["root"] / "bad"
+    sets = _sets(cohorts[1], "liver", root, "bad", *extra)
+    if organ_classes:
+        sets.append(f"data.classes={organ_classes}")
+    with pytest.raises(ConfigError, match=message):
+        add_task(sequence["runs"][0] / "best.ckpt", load_config(TrainConfig, CONFIG, sets))
+    assert not (root / "bad").exists()
+
+
+def test_feature_size_mismatch_and_missing_bags_are_clear_errors(sequence, tmp_path):
+    other = make_task_sequence(tmp_path / "wide", ("liver",), dim=24, n_bags=(4, 2, 2), tiles=(20, 30))[0]
+    with pytest.raises(ConfigError, match="24-dimensional"):
+        add_task(sequence["runs"][0] / "best.ckpt", _cfg(other, "liver", tmp_path, "wide_run"))
+    (tmp_path / "empty").mkdir()
+    cfg = load_config(TrainConfig, CONFIG, [*_sets(other, "liver", tmp_path, "nobags"),
+                                            f"data.features_dir={tmp_path / 'empty'}"])  # fmt: skip
+    with pytest.raises(ConfigError):
+        add_task(sequence["runs"][0] / "best.ckpt", cfg)
+    assert not (tmp_path / "nobags").exists() and not (tmp_path / "wide_run").exists()
+
+
+def _pipeline(tmp_path: Path, cohorts, method: str, name: str, n: int = 2, epochs: int = 2) -> Path:
+    tasks = []
+    for organ, cohort in zip(ORGANS[:n], cohorts):
+        sets = [s for s in _sets(cohort, organ, tmp_path, "x") if not s.startswith("run.")]
+        tasks.append({"config": str(CONFIG), "set": [*sets, f"trainer.max_epochs={epochs}"]})
+    path = tmp_path / f"{name}.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump({"method": method, "seed": 0, "tasks": tasks,
+                                    "run": {"name": name, "root": str(tmp_path / "runs")}}))  # fmt: skip
+    return path
+
+
+def test_pipeline_writes_result_matrices_and_a_missing_config_is_refused(cohorts, tmp_path):
+    path = _pipeline(tmp_path, cohorts, "owlora", "p")
+    out = run_pipeline(path)
+    for mode in ("class_incremental", "task_aware"):
+        for metric in ("bag_accuracy", "bag_auc", "instance_auc", "tile_dice"):
+            assert (out / "results" / f"{mode}_{metric}.csv").is_file()
+            assert (out / "results" / f"{mode}_{metric}.png").stat().st_size > 1000
+    summary = (out / "results" / "summary.md").read_text()
+    assert "BWT" in summary and "owlora" in summary
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    data["tasks"][1]["config"] = str(tmp_path / "nope.yaml")
+    data["run"]["name"] = "missing"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="nope.yaml not found"):
+        run_pipeline(path)
+    assert not (tmp_path / "runs" / "missing").exists()
+
+
+@pytest.mark.slow
+def test_killed_add_task_leaves_the_input_and_a_resumed_pipeline_equals_an_uninterrupted_one(
+    cohorts, tmp_path
+):
+    path = _pipeline(tmp_path, cohorts, "owlora", "full", epochs=4)
+    full = run_pipeline(path)
+    killed = _pipeline(tmp_path, cohorts, "owlora", "killed", epochs=4)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pathopeft", "train", str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    first = tmp_path / "runs" / "killed" / "task0_breast" / "best.ckpt"
+    second = tmp_path / "runs" / "killed" / "task1_liver" / "metrics.csv"
+    deadline = time.monotonic() + 600
+    while not second.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the pipeline ended before it could be killed during task 2"
+    sha = _sha(first)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _sha(first) == sha  # add-task only reads its input checkpoint
+    resumed = run_pipeline(killed, resume=True)
+    a = json.loads((full / "task1_liver" / "evaluation.json").read_text())["results"]
+    b = json.loads((resumed / "task1_liver" / "evaluation.json").read_text())["results"]
+    assert a == b
+
+
+def test_transfer_metrics_by_hand():
+    import numpy as np
+
+    r = np.array([[0.9, np.nan, np.nan], [0.8, 0.7, np.nan], [0.6, 0.75, 0.5]])
+    m = transfer_metrics(r)
+    assert m["ACC"] == pytest.approx((0.6 + 0.75 + 0.5) / 3)
+    assert m["BWT"] == pytest.approx(((0.6 - 0.9) + (0.75 - 0.7)) / 2)
+    assert m["forgetting"] == pytest.approx(((0.9 - 0.6) + (0.7 - 0.75)) / 2)
