@@ -40,7 +40,7 @@ class Cohort:
 
 def tile_features(path: Path, coords: np.ndarray) -> np.ndarray:
     slide = openslide.OpenSlide(str(path))
-    ds = int(round(slide.level_downsamples[LEVEL]))
+    ds = round(slide.level_downsamples[LEVEL])
     w, h = slide.level_dimensions[LEVEL]
     img = np.asarray(slide.read_region((0, 0), LEVEL, (w, h)).convert("RGB"), dtype=np.float32) / 255.0
     slide.close()
@@ -63,7 +63,13 @@ def build_cohort(root: Path, *, steps: int = 300) -> Cohort:
     for i, sid in enumerate(TRAIN + HELD_OUT):
         tumour = sid in ("s0", "s1", "s2", "t0")
         infos[sid] = make_synthetic_slide(
-            slides / f"{sid}.tiff", width=4096, height=4096, seed=100 + i, n_tissue=1, lesions=int(tumour), tile=256
+            slides / f"{sid}.tiff",
+            width=4096,
+            height=4096,
+            seed=100 + i,
+            n_tissue=1,
+            lesions=int(tumour),
+            tile=256,
         )
         tissue = shapely.union_all([shapely.Polygon(p) for p in infos[sid].tissue_polygons])
         xs, ys = np.meshgrid(np.arange(0, 4096 - TILE + 1, TILE), np.arange(0, 4096 - TILE + 1, TILE))

@@ -13,7 +13,9 @@ from pathopeft.config.heatmap import FORMATS, HeatmapConfig
 
 @click.command("heatmap")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--slides", required=True, type=click.Path(exists=True, path_type=Path), help="Slide folder (or CSV).")
+@click.option(
+    "--slides", required=True, type=click.Path(exists=True, path_type=Path), help="Slide folder (or CSV)."
+)
 @click.option("--features", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--task", default=None, help="Task of the checkpoint (default: its last).")
@@ -23,7 +25,9 @@ from pathopeft.config.heatmap import FORMATS, HeatmapConfig
 @click.option("--gate", type=click.Choice(["bag_probability", "none"]), default=None)
 @click.option("--threshold", type=float, default=None, help="Region threshold on the shown scale.")
 @click.option("--formats", default=None, help=f"Comma-separated subset of {','.join(FORMATS)}.")
-@click.option("--annotations", type=click.Path(exists=True, file_okay=False), default=None, help="Enables FROC.")
+@click.option(
+    "--annotations", type=click.Path(exists=True, file_okay=False), default=None, help="Enables FROC."
+)
 @click.option("--overwrite", is_flag=True, default=False, help="Redo slides whose outputs exist.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @set_option
@@ -77,11 +81,14 @@ def heatmap(
         click.echo(text, err=row["status"] == "error")
 
     result = run_heatmaps(checkpoint, slides, features, out, cfg, on_slide=report)
-    click.echo(f"{result.n_ok} ok, {result.n_error} error(s) in {result.seconds:.1f} s -> {out / 'manifest.csv'}")
+    click.echo(
+        f"{result.n_ok} ok, {result.n_error} error(s) in {result.seconds:.1f} s -> {out / 'manifest.csv'}"
+    )
     if result.froc is not None:
         if result.froc.get("froc") is None:
             click.echo(f"FROC not computed: {result.froc.get('error')}", err=True)
         else:
-            click.echo(f"FROC = {result.froc['froc']:.4f} over {result.froc['n_slides']} slides -> {out / 'froc.json'}")
+            froc, n = result.froc["froc"], result.froc["n_slides"]
+            click.echo(f"FROC = {froc:.4f} over {n} slides -> {out / 'froc.json'}")
     if result.n_ok == 0:
         sys.exit(EXIT_FAILED)

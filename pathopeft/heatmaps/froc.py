@@ -23,6 +23,7 @@ wrong).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +120,9 @@ def evaluation_mask(
         return np.zeros((h, w), np.int64), []
     spacing = mpp * ds  # µm per mask pixel
     labels = compute_multi_instance_mask(mask=binary, threshold=grow_um / (spacing * 2))
-    itc = compute_isolated_tumor_cells(tumor_mask=labels, threshold=itc_um / spacing)
+    with warnings.catch_warnings():  # MONAI calls regionprops' deprecated major_axis_length (same value)
+        warnings.simplefilter("ignore", FutureWarning)
+        itc = compute_isolated_tumor_cells(tumor_mask=labels, threshold=itc_um / spacing)
     return np.asarray(labels, dtype=np.int64), [int(i) for i in itc]
 
 
@@ -170,5 +173,8 @@ def froc_score(
         "sensitivity_at": {f"{t:g}": float(v) for t, v in zip(thresholds, at)},
         "n_slides": len(slides),
         "n_lesions": targets,
-        "curve": {"fps_per_slide": np.asarray(fps_per_image).tolist(), "sensitivity": np.asarray(sensitivity).tolist()},
+        "curve": {
+            "fps_per_slide": np.asarray(fps_per_image).tolist(),
+            "sensitivity": np.asarray(sensitivity).tolist(),
+        },
     }

@@ -109,7 +109,7 @@ def build_feature_collection(
             }
         )
     color = class_color(class_name)
-    for j, (geom, mean, peak, cells) in enumerate(regions):
+    for j, (geom, mean, peak, _cells) in enumerate(regions):
         area = float(geom.area)
         values = {"score_mean": mean, "score_max": peak, "area_px2": area}
         if mpp:

@@ -80,7 +80,7 @@ def _colorbar(out: np.ndarray, colormap: str, threshold: float, label: str) -> N
     panel = out[max(0, y0 - pad) : th, 0 : min(tw, x0 + bar_w + pad)]
     panel[:] = (panel.astype(np.float32) * 0.3 + 255 * 0.7).astype(np.uint8)  # light backing
     out[y0:y1, x0 : x0 + bar_w] = ramp[None, :, :].astype(np.uint8)
-    tx = x0 + int(round(threshold * (bar_w - 1)))
+    tx = x0 + round(threshold * (bar_w - 1))
     out[y0:y1, max(tx - 1, 0) : tx + 1] = 0  # threshold tick
     font = cv2.FONT_HERSHEY_SIMPLEX
     cv2.putText(out, f"0  {label}  (thr {threshold:g})  1", (x0, th - pad - 2), font, scale, (0, 0, 0), 1)

@@ -73,7 +73,9 @@ class _LevelTiles:
         self.grid, self.size, self.ds, self.tile = grid, size, downsample, tile
         self.encode, self.cache = encode, cache
 
-    def _index(self, start: int, limit: int, origin: int, n_cells: int, nodata: int, extent: int) -> np.ndarray:
+    def _index(
+        self, start: int, limit: int, origin: int, n_cells: int, nodata: int, extent: int
+    ) -> np.ndarray:
         px = start + np.arange(self.tile)
         level0 = (px * self.ds + self.ds // 2).astype(np.int64)  # pixel centre on level 0
         idx = np.floor_divide(level0 - origin, self.grid.cell)
@@ -87,7 +89,9 @@ class _LevelTiles:
             ri = self._index(ty * self.tile, h, self.grid.origin[1], rows, self.nodata_row, self.grid.height)
             r_vals, r_len = _runs(ri)
             for tx in range(math.ceil(w / self.tile)):
-                ci = self._index(tx * self.tile, w, self.grid.origin[0], cols, self.nodata_col, self.grid.width)
+                ci = self._index(
+                    tx * self.tile, w, self.grid.origin[0], cols, self.nodata_col, self.grid.width
+                )
                 c_vals, c_len = _runs(ci)
                 block = self.padded[np.ix_(r_vals, c_vals)]
                 key = r_len.tobytes() + b"|" + c_len.tobytes() + b"|" + block.tobytes()

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "BagScores",
     "RAW_SCORE",
+    "BagScores",
     "TaskError",
     "display_scores",
     "resolve_task",

@@ -111,7 +111,7 @@ def tile_size_of(bag: FeatureBag, override: int | None) -> int:
     if int(attrs.get("patch_size_level0", 0) or 0) > 0:
         return int(attrs["patch_size_level0"])
     if int(attrs.get("patch_size", 0) or 0) > 0:
-        return int(round(float(attrs["patch_size"]) * float(attrs.get("downsample", 1.0) or 1.0)))
+        return round(float(attrs["patch_size"]) * float(attrs.get("downsample", 1.0) or 1.0))
     assert bag.coords is not None
     steps = [np.diff(np.unique(bag.coords[:, k])) for k in (0, 1)]
     positive = [int(s[s > 0].min()) for s in steps if (s > 0).any()]
