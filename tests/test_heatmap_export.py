@@ -167,6 +167,19 @@ def test_png_tiff_csv_json_and_manifest_follow_the_contract(cohort, exported):
     assert Path(ok[sid]["slide_path"]).is_absolute()
 
 
+def test_smoothing_in_um_keeps_scores_in_range_and_changes_the_map(cohort, tmp_path):
+    feats = tmp_path / "f"
+    feats.mkdir()
+    shutil.copy(cohort.features / "t0.h5", feats)
+    out = tmp_path / "o"
+    cfg = _cfg("formats=[png]", "smooth_um=200")
+    row = run_heatmaps(cohort.checkpoint, cohort.slides / "t0.tiff", feats, out, cfg).rows[0]
+    assert row["status"] == "ok" and json.loads((out / "t0.json").read_text())["smooth_um"] == 200
+    smoothed = np.asarray(Image.open(tmp_path / "o" / "t0.png"))
+    run_heatmaps(cohort.checkpoint, cohort.slides / "t0.tiff", feats, tmp_path / "p", _cfg("formats=[png]"))
+    assert (np.asarray(Image.open(tmp_path / "p" / "t0.png")) != smoothed).any()
+
+
 def test_bounds_shift_geojson_but_not_csv(cohort, monkeypatch, tmp_path):
     real = processor.read_geometry
 
@@ -257,6 +270,14 @@ def test_cli_with_annotations_writes_froc(cohort, tmp_path):
     det = (out / "froc" / "t0.csv").read_text().splitlines()
     p, x, y = det[0].split(",")
     assert 0 <= float(p) <= 1 and x.isdigit() and y.isdigit()
-    assert (out / "t0.geojson.gz").is_file()
+    import gzip
+
+    with gzip.open(out / "t0.geojson.gz", "rt") as fh:
+        features = json.load(fh)["features"]
+    assert all(shape(f["geometry"]).is_valid for f in features)
+    assert (
+        sum(f["properties"]["objectType"] == "tile" for f in features)
+        == read_bag(cohort.features / "t0.h5").n_tiles
+    )
     bad = CliRunner().invoke(main, [*args[:8], "--set", "nope=1"])
     assert bad.exit_code == 2 and "nope: unknown key" in bad.output

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from pathopeft.cli._common import EXIT_FAILED, handle_errors, load_or_exit, set_option
+from pathopeft.cli._common import EXIT_FAILED, EXIT_USAGE, handle_errors, load_or_exit, set_option
+from pathopeft.config import ConfigError, validate
 from pathopeft.config.heatmap import FORMATS, HeatmapConfig
 
 
@@ -68,8 +69,14 @@ def heatmap(
         "formats": [f.strip() for f in formats.split(",") if f.strip()] if formats else None,
         "overwrite": True if overwrite else None,
     }
-    sets = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in flags.items() if v is not None]
-    cfg = load_or_exit(HeatmapConfig, config_path, [*overrides, *sets])
+    cfg = load_or_exit(HeatmapConfig, config_path, overrides)
+    given = {k: v for k, v in flags.items() if v is not None}
+    if given:  # flags win over the file and --set; validated like them (a bad value exits 2)
+        try:
+            cfg = validate(HeatmapConfig, {**cfg.model_dump(), **given}, "command-line options")
+        except ConfigError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
     from pathopeft.heatmaps.processor import run_heatmaps
 
     def report(row: dict[str, object]) -> None:
