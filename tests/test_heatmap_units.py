@@ -187,3 +187,19 @@ def test_ome_tiff_holds_the_float_scores_in_a_subifd_pyramid(tmp_path):
         assert full[10, 10] == pytest.approx(0.25) and full[10, 300] == pytest.approx(0.75)
         assert np.isnan(full[500, 900])  # no data
         assert 'PhysicalSizeX="0.5"' in tif.ome_metadata
+
+
+def test_threaded_tile_encoding_writes_the_same_pixels(tmp_path):
+    rng = np.random.default_rng(1)
+    xs, ys = np.meshgrid(np.arange(0, 2000, 100), np.arange(0, 1500, 100))
+    coords = np.stack([xs.ravel(), ys.ravel()], 1)
+    grid = build_grid(coords, 100, rng.random(len(coords)), 2100, 1600)
+    for workers in (1, 3):
+        write_pyramid(tmp_path / f"w{workers}.tiff", grid, colormap="jet", mpp=0.5, tile=256, workers=workers)
+    a, b = (openslide.OpenSlide(str(tmp_path / f"w{n}.tiff")) for n in (1, 3))
+    assert a.level_dimensions == b.level_dimensions
+    for level in range(a.level_count):
+        size = a.level_dimensions[level]
+        np.testing.assert_array_equal(
+            np.asarray(a.read_region((0, 0), level, size)), np.asarray(b.read_region((0, 0), level, size))
+        )

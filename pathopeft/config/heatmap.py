@@ -41,6 +41,7 @@ class TiffConfig(StrictModel):
     compression: Literal["jpeg", "deflate", "none"] = "jpeg"
     quality: int = Field(90, ge=1, le=100)  # JPEG quality
     nodata_rgb: tuple[int, int, int] = (255, 255, 255)  # where no tile was scored (white glass)
+    workers: int = Field(0, ge=0)  # tile-encoding threads; 0 = one per CPU (at most 8)
 
 
 class FrocConfig(StrictModel):

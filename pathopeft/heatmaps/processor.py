@@ -317,6 +317,7 @@ def _export_slide(
             compression=t.compression,
             quality=t.quality,
             nodata=t.nodata_rgb,
+            workers=t.workers,
         )
         files.append(f"{sid}.tiff")
     if "ome_tiff" in cfg.formats:

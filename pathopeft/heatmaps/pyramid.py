@@ -12,8 +12,11 @@ Memory: one output tile at a time. A tile is a nearest-neighbour lookup into the
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import imagecodecs
@@ -27,6 +30,7 @@ from pathopeft.heatmaps.raster import ScoreGrid
 __all__ = ["colorize", "level_dimensions", "write_pyramid"]
 
 _CACHE_MAX = 4096
+_BATCH = 64  # tiles prepared at a time (64 RGB 512-px tiles = 48 MiB raw at most)
 
 
 def colorize(grid: ScoreGrid, colormap: str, nodata: tuple[int, int, int]) -> np.ndarray:
@@ -82,7 +86,8 @@ class _LevelTiles:
         bad = (px >= limit) | (idx < 0) | (idx >= n_cells) | (level0 >= extent)
         return np.where(bad, nodata, idx)
 
-    def __iter__(self) -> Iterator[bytes]:
+    def _specs(self) -> Iterator[tuple[bytes, np.ndarray, np.ndarray, np.ndarray]]:
+        """(cache key, cell block, row run lengths, column run lengths) of each tile, row-major."""
         w, h = self.size
         rows, cols = self.grid.values.shape
         for ty in range(math.ceil(h / self.tile)):
@@ -94,13 +99,28 @@ class _LevelTiles:
                 )
                 c_vals, c_len = _runs(ci)
                 block = self.padded[np.ix_(r_vals, c_vals)]
-                key = r_len.tobytes() + b"|" + c_len.tobytes() + b"|" + block.tobytes()
-                data = self.cache.get(key)
-                if data is None:
-                    img = np.repeat(np.repeat(block, r_len, axis=0), c_len, axis=1)
-                    data = self.encode(np.ascontiguousarray(img))  # type: ignore[operator]
-                    if len(self.cache) < _CACHE_MAX:
-                        self.cache[key] = data
+                yield r_len.tobytes() + b"|" + c_len.tobytes() + b"|" + block.tobytes(), block, r_len, c_len
+
+    def _render(self, spec: tuple[bytes, np.ndarray, np.ndarray, np.ndarray]) -> bytes:
+        _, block, r_len, c_len = spec
+        img = np.repeat(np.repeat(block, r_len, axis=0), c_len, axis=1)
+        return self.encode(np.ascontiguousarray(img))  # type: ignore[operator,no-any-return]
+
+    def iter_encoded(self, pool: ThreadPoolExecutor | None) -> Iterator[bytes]:
+        """Encoded tiles in order; uncached ones are encoded ``_BATCH`` at a time on ``pool``
+        (the codecs release the GIL), so at most a batch of raw tiles is in memory."""
+        specs = self._specs()
+        while True:
+            batch = list(itertools.islice(specs, _BATCH))
+            if not batch:
+                return
+            todo = [s for s in batch if s[0] not in self.cache]
+            done = dict(zip((s[0] for s in todo), (pool.map if pool else map)(self._render, todo)))
+            for spec in batch:
+                key = spec[0]
+                data = self.cache.get(key) or done[key]
+                if len(self.cache) < _CACHE_MAX:
+                    self.cache[key] = data
                 yield data
 
 
@@ -114,8 +134,11 @@ def write_pyramid(
     compression: str = "jpeg",
     quality: int = 90,
     nodata: tuple[int, int, int] = (255, 255, 255),
+    workers: int = 0,
 ) -> list[tuple[int, int]]:
-    """Write the heatmap TIFF atomically; returns the level sizes written."""
+    """Write the heatmap TIFF atomically; returns the level sizes written.
+
+    ``workers`` encoding threads (0 = one per CPU, at most 8; 1 = encode in this thread)."""
     rgb = colorize(grid, colormap, nodata)
     dims = level_dimensions(grid.width, grid.height, tile)
     if compression == "jpeg":
@@ -127,13 +150,37 @@ def write_pyramid(
     else:
         raise ValueError(f"unknown TIFF compression {compression!r}")
     bigtiff = grid.width * grid.height * 3 * 4 / 3 > 2**32 - 2**25  # uncompressed size bounds offsets
+    n = workers or min(8, os.cpu_count() or 1)
+    pool = ThreadPoolExecutor(n) if n > 1 else None
+    try:
+        _write_levels(path, grid, rgb, dims, tile, codec, tag, quality, mpp, nodata, bigtiff, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return dims
+
+
+def _write_levels(
+    path: str | Path,
+    grid: ScoreGrid,
+    rgb: np.ndarray,
+    dims: list[tuple[int, int]],
+    tile: int,
+    codec: object,
+    tag: str | None,
+    quality: int,
+    mpp: float | None,
+    nodata: tuple[int, int, int],
+    bigtiff: bool,
+    pool: ThreadPoolExecutor | None,
+) -> None:
     cache: dict[bytes, bytes] = {}
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
         for k, (w, h) in enumerate(dims):
             tiles = _LevelTiles(rgb, grid, (w, h), 2**k, tile, codec, cache, nodata)
             res = 1e4 / (mpp * 2**k) if mpp else None
             tw.write(
-                iter(tiles),
+                tiles.iter_encoded(pool),
                 shape=(h, w, 3),
                 dtype=np.uint8,
                 tile=(tile, tile),
@@ -146,4 +193,3 @@ def write_pyramid(
                 metadata=None,
                 description="pathopeft heatmap" if k == 0 else None,
             )
-    return dims
