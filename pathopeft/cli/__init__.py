@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "segment": "pathopeft.cli.segment:segment",
     "add-task": "pathopeft.cli.add_task:add_task",
     "tasks": "pathopeft.cli.tasks:tasks",
+    "heatmap": "pathopeft.cli.heatmap:heatmap",
 }
 
 
