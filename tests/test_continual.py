@@ -271,3 +271,17 @@ def test_transfer_metrics_by_hand():
     assert m["ACC"] == pytest.approx((0.6 + 0.75 + 0.5) / 3)
     assert m["BWT"] == pytest.approx(((0.6 - 0.9) + (0.75 - 0.7)) / 2)
     assert m["forgetting"] == pytest.approx(((0.9 - 0.6) + (0.7 - 0.75)) / 2)
+
+
+def test_heatmap_scores_of_an_earlier_task_use_its_task_aware_view(sequence, cohorts):
+    """`pathopeft heatmap --task breast` on the 3-task checkpoint scores as the breast-only model did."""
+    from pathopeft.heatmaps.scoring import score_bag
+
+    x, c = _bag(cohorts[0])
+    before = MILModule.from_checkpoint(sequence["runs"][0] / "best.ckpt")
+    after = MILModule.from_checkpoint(sequence["runs"][2] / "best.ckpt")
+    a = score_bag(before, x.numpy(), c.numpy(), "breast")
+    b = score_bag(after, x.numpy(), c.numpy(), "breast")
+    assert (a.attention == b.attention).all() and (a.bag_probs == b.bag_probs).all()
+    liver = score_bag(after, x.numpy(), c.numpy(), "liver")
+    assert liver.classes == ("liver_normal", "liver_tumor")

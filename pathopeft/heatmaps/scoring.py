@@ -1,7 +1,8 @@
 """From a checkpoint and one feature bag to per-tile values: the only place that runs the model.
 
-``score_bag`` is the single entry point (the continual-learning code adapts it, and nothing else,
-when checkpoints become multi-task). It returns the raw per-tile values:
+``score_bag`` is the single entry point. For a continual checkpoint it runs the task-aware mode
+(:func:`pathopeft.mil.continual.evaluation.task_mode`): the named task's head with only its own
+and earlier tasks' adapters, the outputs that stay bit-identical when later tasks are added. It returns the raw per-tile values:
 
 * ``attention``: the model's attention weight of each tile (sums to 1 over the bag);
 * ``probability``: the bag head of the task applied to each tile's own instance embedding
@@ -99,7 +100,11 @@ def score_bag(module: Any, features: np.ndarray, coords: np.ndarray | None, task
         c = None
         if coords is not None:
             c = torch.as_tensor(np.asarray(coords), dtype=torch.float32, device=param.device).unsqueeze(0)
-        out = model(x, coords=c, task=task)
+        from pathopeft.mil.continual.evaluation import task_mode
+
+        # task-aware: a continual model's task sees only its own and earlier tasks' adapters
+        with task_mode(module, task):
+            out = model(x, coords=c, task=task)
         head = model.heads[task]
         inst = out.features[0]
         tile_logits = head(inst.to(head.weight.dtype)).float()
