@@ -1,0 +1,110 @@
+"""Continual task addition: every method on the synthetic 3-task sequence, several seeds, one run.
+
+Each method runs the same pipeline (:mod:`pathopeft.mil.continual.pipeline`) on the same cohorts
+(:func:`pathopeft.mil.synthetic.make_task_sequence`) and seeds. Prints, per method, mean ± sd over
+seeds of ACC / BWT / forgetting (bag accuracy, class-incremental and task-aware) and instance AUC,
+plus per added task: trainable parameters, checkpoint growth and training time, against ``joint``
+(retraining one model on every task).
+
+    python benchmarks/bench_continual.py --seeds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from pathopeft.mil.continual.pipeline import run_pipeline
+from pathopeft.mil.synthetic import make_task_sequence
+
+ORGANS = ("breast", "liver", "colon")
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic_task.yaml"
+
+
+def pipeline_file(tmp: Path, cohorts, method: str, seed: int, epochs: int) -> Path:
+    tasks = []
+    for organ, c in zip(ORGANS, cohorts):
+        tasks.append(
+            {
+                "config": str(CONFIG),
+                "set": [
+                    f"data.manifest={c.manifest}", f"data.features_dir={c.root / 'features'}",
+                    f"data.annotations={c.annotations_dir}", f"data.task={organ}",
+                    f"data.classes=[{organ}_normal,{organ}_tumor]", f"trainer.max_epochs={epochs}",
+                ],  # fmt: skip
+            }
+        )
+    path = tmp / f"{method}_{seed}.yaml"
+    run = {"name": f"{method}_{seed}", "root": str(tmp / "runs")}
+    path.write_text(yaml.safe_dump({"method": method, "seed": seed, "tasks": tasks, "run": run}))
+    return path
+
+
+def fmt(values: list[float]) -> str:
+    values = [v for v in values if v == v]
+    if not values:
+        return "—"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):+.3f} ± {sd:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--methods", default="owlora,lora,finetune,ewc,replay,joint")
+    parser.add_argument("--out", default=None, help="CSV of every (method, seed, mode, metric)")
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    rows, sizes = [], []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for seed in range(args.seeds):
+            cohorts = make_task_sequence(tmp / f"data{seed}", ORGANS, seed=seed, dim=32, n_bags=(24, 8, 12),
+                                         tiles=(60, 120), signal=4.0, lesion_share=(0.05, 0.15))  # fmt: skip
+            for method in args.methods.split(","):
+                start = time.perf_counter()
+                out = run_pipeline(pipeline_file(tmp, cohorts, method, seed, args.epochs))
+                seconds = time.perf_counter() - start
+                summary = pd.read_csv(out / "results" / "summary.csv")
+                summary["seed"], summary["seconds"] = seed, seconds
+                rows.append(summary)
+                folders = [out / "joint"] if method == "joint" else sorted(out.glob("task*_*"))
+                for i, folder in enumerate(folders):
+                    test = json.loads((folder / "test_metrics.json").read_text())
+                    sizes.append({"method": method, "seed": seed, "task": i,
+                                  "ckpt_mb": (folder / "best.ckpt").stat().st_size / 2**20,
+                                  "trainable": test.get("trainable", "")})  # fmt: skip
+                print(f"  seed {seed} {method}: {seconds:.0f} s", flush=True)
+    frame = pd.concat(rows)
+    if args.out:
+        frame.to_csv(args.out, index=False)
+    print(f"\n3-task synthetic sequence ({' → '.join(ORGANS)}), {args.seeds} seeds, {args.epochs} epochs per task")
+    print("| method | mode | ACC bag acc | BWT bag acc | forgetting | ACC instance AUC | s/pipeline |")
+    print("|---|---|---|---|---|---|---|")
+    for method in args.methods.split(","):
+        for mode in ("class_incremental", "task_aware"):
+            g = frame[(frame["method"] == method) & (frame["mode"] == mode)]
+            acc = g[g["metric"] == "bag_accuracy"]
+            inst = g[g["metric"] == "instance_auc"]
+            print(f"| {method} | {mode} | {fmt(acc.ACC.tolist())} | {fmt(acc.BWT.tolist())} "
+                  f"| {fmt(acc.forgetting.tolist())} | {fmt(inst.ACC.tolist())} | {g.seconds.mean():.0f} |")  # fmt: skip
+    sizes_frame = pd.DataFrame(sizes)
+    print("\n| method | task | checkpoint MB (mean) | trainable (seed 0) |")
+    print("|---|---|---|---|")
+    for (method, task), g in sizes_frame.groupby(["method", "task"], sort=False):
+        print(f"| {method} | {task} | {g.ckpt_mb.mean():.2f} | {g.trainable.iloc[0]} |")
+
+
+if __name__ == "__main__":
+    main()
