@@ -2,7 +2,8 @@
 
 ``score_bag`` is the single entry point. For a continual checkpoint it runs the task-aware mode
 (:func:`pathopeft.mil.continual.evaluation.task_mode`): the named task's head with only its own
-and earlier tasks' adapters, the outputs that stay bit-identical when later tasks are added. It returns the raw per-tile values:
+and earlier tasks' adapters, the outputs that stay bit-identical when later tasks are added.
+It returns the raw per-tile values:
 
 * ``attention``: the model's attention weight of each tile (sums to 1 over the bag);
 * ``probability``: the bag head of the task applied to each tile's own instance embedding
