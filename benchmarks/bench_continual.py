@@ -102,6 +102,7 @@ def main() -> None:
             acc = g[g["metric"] == "bag_accuracy"]
             inst = g[g["metric"] == "instance_auc"]
             cells = [fmt(acc.ACC.tolist()), fmt(acc.BWT.tolist()), fmt(acc.forgetting.tolist())]
+            cells += [fmt(inst.ACC.tolist()), f"{g.seconds.mean():.0f}"]
             print(
                 f"| {method} | {mode} | {' | '.join(cells)} | {fmt(inst.ACC.tolist())} | {g.seconds.mean():.0f} |"
             )
