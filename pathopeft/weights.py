@@ -90,18 +90,29 @@ def read_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
-    """Strip a wrapper prefix from the keys as long as that makes more keys match ``expected``."""
+    """Strip wrapper prefixes from the keys when that makes more keys match ``expected``.
+
+    A prefix is stripped when it raises the number of matching keys, or when every key carries it
+    (``module.model.x``: stripping ``module.`` alone matches nothing yet); the result is kept only
+    if it matches more keys than the input did.
+    """
+    original_hits = sum(k in expected for k in state)
+    current = state
     for _ in range(4):
-        best, best_hits = None, sum(k in expected for k in state)
+        hits = sum(k in expected for k in current)
+        best, best_hits = None, hits
         for prefix in PREFIXES:
-            stripped = {k.removeprefix(prefix): v for k, v in state.items()}
-            hits = sum(k in expected for k in stripped)
-            if hits > best_hits:
-                best, best_hits = stripped, hits
+            stripped = {k.removeprefix(prefix): v for k, v in current.items()}
+            new_hits = sum(k in expected for k in stripped)
+            if new_hits > best_hits:
+                best, best_hits = stripped, new_hits
         if best is None:
-            return state
-        state = best
-    return state
+            shared = next((p for p in PREFIXES if all(k.startswith(p) for k in current)), None)
+            if shared is None:
+                break
+            best = {k.removeprefix(shared): v for k, v in current.items()}
+        current = best
+    return current if sum(k in expected for k in current) > original_hits else state
 
 
 # ---------------------------------------------------------------------- EfficientNet-PyTorch
@@ -146,13 +157,13 @@ def is_efficientnet_pytorch(state: Mapping[str, torch.Tensor]) -> bool:
     return "_conv_stem.weight" in state and any(k.startswith("_blocks.") for k in state)
 
 
-def _stage_layout(model: nn.Module) -> list[tuple[int, int]]:
+def _stage_layout(model: nn.Module, source: str) -> list[tuple[int, int]]:
     """``(stage, index)`` of every block of a timm EfficientNet, in forward order."""
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential) or not all(isinstance(s, nn.Sequential) for s in blocks):
         raise WeightsError(
-            f"{type(model).__name__}: EfficientNet-PyTorch weights need a timm EfficientNet-family "
-            "model (blocks grouped by stage), e.g. efficientnet_b0, efficientnet_lite0, tf_efficientnet_lite0"
+            f"{source}: EfficientNet-PyTorch weights need a timm EfficientNet-family model (blocks "
+            f"grouped by stage), not {_arch(model)}: e.g. tf_efficientnet_b0, tf_efficientnet_lite0"
         )
     return [(s, i) for s, stage in enumerate(blocks) for i in range(len(stage))]
 
@@ -167,7 +178,7 @@ def efficientnet_pytorch_to_timm(
     is the N-th block of the other); whether a block is an inverted residual is read from the
     checkpoint itself (an ``_expand_conv`` present), and shapes are checked afterwards.
     """
-    layout = _stage_layout(model)
+    layout = _stage_layout(model, source)
     matches = [m for k in state if (m := _EFFNET_BLOCK.fullmatch(k))]
     expands = {int(m.group(1)) for m in matches if m.group(2) == "_expand_conv"}
     _warn_padding(model, source)
@@ -274,7 +285,7 @@ def fit_state_dict(
         problems.append(f"{len(mismatched)} shape mismatch(es) (e.g. {'; '.join(mismatched[:3])})")
     if problems:
         raise WeightsError(
-            f"{source}: the weights do not fit {type(model).__name__}: {'; '.join(problems)}. "
+            f"{source}: the weights do not fit {_arch(model)}: {'; '.join(problems)}. "
             "Check that the model name (and its options) match the checkpoint."
         )
     return state
@@ -283,6 +294,11 @@ def fit_state_dict(
 def load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
     """:func:`fit_state_dict`, then a strict ``load_state_dict``."""
     model.load_state_dict(fit_state_dict(model, state, source=source), strict=True)
+
+
+def _arch(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return str(cfg.get("architecture") or type(model).__name__)
 
 
 def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:

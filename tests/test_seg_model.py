@@ -67,13 +67,13 @@ def test_sam_format_checkpoint_loads_onto_timm_samvit(tmp_path: Path) -> None:
 def test_weight_files_are_read_without_unpickling(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pth"
     torch.save({"state_dict": {"w": torch.ones(1)}, "code": Path("x")}, bad)
-    with pytest.raises(EncoderError, match=r"bad\.pth: not a loadable weights file"):
+    with pytest.raises(EncoderError, match=r"bad\.pth: cannot read weights"):
         load_weight_file(bad)
     with pytest.raises(EncoderError, match="not found"):
         build_encoder("vit_tiny_patch16_224", str(tmp_path / "missing.pth"), img_size=32)
     wrong = tmp_path / "wrong.pth"
     torch.save({"model": {"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}}, wrong)  # unwrapped from "model"
-    with pytest.raises(EncoderError, match=r"wrong\.pth: weights do not fit vit_tiny_patch16_224"):
+    with pytest.raises(EncoderError, match=r"wrong\.pth: the weights do not fit vit_tiny_patch16_224"):
         build_encoder("vit_tiny_patch16_224", str(wrong), img_size=32, kwargs=TINY_VIT)
 
 
