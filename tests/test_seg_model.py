@@ -213,3 +213,23 @@ def test_hub_sam_weights_are_resized_to_img_size(monkeypatch: pytest.MonkeyPatch
     assert enc.model.pos_embed.shape == (1, 4, 4, 64)
     torch.testing.assert_close(enc.model.blocks[1].attn.qkv.weight, native.blocks[1].attn.qkv.weight)
     assert enc.record.weights == "hub" and enc.record.weights_sha256 is None
+
+
+def test_frozen_batchnorm_is_put_back_in_eval_and_changed_buffers_are_saved() -> None:
+    """Lightning restores modules' ``training`` flags one by one (not through ``train()``):
+    ``freeze_norm_stats`` undoes that, and any encoder buffer that still changed is checkpointed."""
+    cfg = SegmentTrainConfig.model_validate(
+        {
+            "model": {"encoder": "resnet18", "img_size": 32, "decoder_channels": 1},
+            "adapter": {"mode": "frozen"},
+        }
+    )
+    model = build_model(cfg).train()
+    bn = model.encoder.model.bn1
+    bn.training = True  # what Lightning's mode restore did
+    model.freeze_norm_stats()
+    assert not bn.training
+    assert not [k for k in persistent_keys(model) if k.startswith("encoder.")]
+    with torch.no_grad():
+        model.encoder.model.layer1[0].bn2.running_var.mul_(2)
+    assert "encoder.model.layer1.0.bn2.running_var" in persistent_keys(model)
