@@ -233,3 +233,22 @@ def test_frozen_batchnorm_is_put_back_in_eval_and_changed_buffers_are_saved() ->
     with torch.no_grad():
         model.encoder.model.layer1[0].bn2.running_var.mul_(2)
     assert "encoder.model.layer1.0.bn2.running_var" in persistent_keys(model)
+
+
+def test_empty_images_count_in_dice_and_false_positive_images_are_reported() -> None:
+    """Issue 14: an image with only false positives used to score NaN and vanish from Dice."""
+    from pathopeft.seg.metrics import METRICS, image_scores, summarise_scores
+
+    target = torch.zeros(3, 1, 8, 8, dtype=torch.long)
+    target[0, 0, :4] = 1  # image 0: half foreground, predicted exactly
+    pred = target.clone()
+    pred[1, 0, 0, 0] = 1  # image 1: empty truth, one false-positive pixel
+    # image 2: empty truth, empty prediction
+    logits = torch.nn.functional.one_hot(pred[:, 0], 2).permute(0, 3, 1, 2).float()
+    scores = image_scores(logits, target)
+    assert scores.shape == (3, len(METRICS), 1)
+    summary = summarise_scores(scores)
+    assert summary["dice"] == pytest.approx((1 + 0 + 1) / 3)
+    assert summary["iou"] == pytest.approx((1 + 0 + 1) / 3)
+    assert summary["dice_nonempty"] == pytest.approx(1.0)
+    assert summary["fp_image_rate"] == pytest.approx(0.5)

@@ -99,7 +99,7 @@ class SegmentationModule(lightning.LightningModule):
     def _finish(self, stage: str) -> None:
         """Gather per-image scores from every rank, average, log the same value everywhere."""
         width = self.model.num_classes - 1
-        local = torch.cat(self._scores[stage]) if self._scores[stage] else torch.empty(0, 3, width)
+        local = torch.cat(self._scores[stage]) if self._scores[stage] else torch.empty(0, len(METRICS), width)
         summary = summarise_scores(self._gather_rows(local.float()).cpu())
         self.results[stage] = summary
         for name in METRICS:
