@@ -19,6 +19,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pathopeft.suffixes import IMAGE_SUFFIXES
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "SPLITS",
@@ -37,7 +39,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 SPLITS = ("train", "val", "test")
 _TIFF = (".tif", ".tiff")
 
@@ -256,7 +257,7 @@ def discover_samples(
             f"image without a mask: {_few_paths(files)} (no {mask_root}/<stem>{mask_suffix}.*)"
         )
     if not images:
-        raise SegDataError(f"{image_root}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise SegDataError(f"{image_root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return [Sample(images[s], masks[s]) for s in sorted(images)]
 
 
