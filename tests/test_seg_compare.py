@@ -101,3 +101,29 @@ def test_settings_may_not_override_what_every_setting_shares() -> None:
             SegCompareSetting(
                 name="x", adapter={"method": "lora", "options": {"rank": 2}}, overrides=[override]
             )
+
+
+@pytest.mark.parametrize("name", ["seg_cnn_compare.yaml", "seg_cnn_compare_cpu.yaml"])
+def test_shipped_cnn_compare_configs_target_the_pointwise_convs(name: str, tmp_path: Path) -> None:
+    """Every adapter setting wraps exactly the 1x1 convs of EfficientNet-Lite0 (no depthwise, no
+    stem) and trains at most 10% of the encoder."""
+    from pathopeft.config import load_config
+    from pathopeft.config.segment import SegmentCompareConfig
+    from pathopeft.seg.compare import setting_config
+    from pathopeft.seg.model import build_model
+
+    cfg = load_config(SegmentCompareConfig, Path(__file__).resolve().parents[1] / "configs" / name)
+    for setting in cfg.compare.settings:
+        if setting.adapter.mode != "adapter":
+            continue
+        run = setting_config(cfg, setting, 1e-3, tmp_path)
+        run.model.img_size = 64
+        model = build_model(run, verbose=False)
+        wrapped = {
+            n.rsplit(".", 1)[-1] for n, m in model.encoder.model.named_modules() if hasattr(m, "base_layer")
+        }
+        assert wrapped == {"conv_pw", "conv_pwl"}, (setting.name, wrapped)
+        share = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad) / sum(
+            p.numel() for p in model.encoder.parameters()
+        )
+        assert 0 < share <= 0.10, (setting.name, share)

@@ -189,3 +189,35 @@ def test_train_crops_and_eval_keeps_full_images(tmp_path: Path) -> None:
     # evaluation is deterministic: normalisation only
     again = EvalDataset(samples, BINARY, eval_transform(mean, std), rescale=0.5)[0]
     assert torch.equal(full["image"], again["image"])
+
+
+def test_group_column_keeps_a_patient_in_one_split_and_duplicates_are_refused(tmp_path: Path) -> None:
+    """Issue 14: tiles of one patient/slide never land in train and test; a path listed twice
+    (which could) is refused, naming both lines."""
+    stems = [f"p{p}_{t}" for p in range(6) for t in range(3)]  # 6 patients x 3 tiles
+    for stem in stems:
+        _pair(tmp_path, stem)
+    csv = tmp_path / "list.csv"
+    rows = "".join(f"images/{s}.png,masks/{s}.png,{s.split('_')[0]}\n" for s in stems)
+    csv.write_text("image,mask,group\n" + rows)
+    for seed in range(5):
+        splits = split_samples(discover_samples(None, csv), val_fraction=0.2, test_fraction=0.2, seed=seed)
+        owners = {name: {s.name.split("_")[0] for s in items} for name, items in splits.items()}
+        assert not owners["train"] & owners["test"] and not owners["train"] & owners["val"]
+        assert not owners["val"] & owners["test"] and all(owners.values())
+        assert sum(len(v) for v in splits.values()) == len(stems)
+    csv.write_text(
+        "image,mask,group,split\nimages/p0_0.png,masks/p0_0.png,A,train\n"
+        "images/p0_1.png,masks/p0_1.png,A,test\nimages/p1_0.png,masks/p1_0.png,B,val\n"
+    )
+    with pytest.raises(SegDataError, match=r"group 'A' has images in test and train"):
+        split_samples(discover_samples(None, csv), val_fraction=0.2, test_fraction=0.2, seed=0)
+    csv.write_text(
+        "image,mask\nimages/p0_0.png,masks/p0_0.png\nimages/p0_1.png,masks/p0_1.png\n"
+        "images/p0_0.png,masks/p1_0.png\n"
+    )
+    with pytest.raises(SegDataError, match=r"line 4: image .*p0_0\.png is already listed on line 2"):
+        discover_samples(None, csv)
+    csv.write_text("image,mask,group\nimages/p0_0.png,masks/p0_0.png,A\nimages/p0_1.png,masks/p0_1.png,\n")
+    with pytest.raises(SegDataError, match="group column is filled for some rows only"):
+        discover_samples(None, csv)

@@ -67,13 +67,13 @@ def test_sam_format_checkpoint_loads_onto_timm_samvit(tmp_path: Path) -> None:
 def test_weight_files_are_read_without_unpickling(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pth"
     torch.save({"state_dict": {"w": torch.ones(1)}, "code": Path("x")}, bad)
-    with pytest.raises(EncoderError, match=r"bad\.pth: not a loadable weights file"):
+    with pytest.raises(EncoderError, match=r"bad\.pth: cannot read weights"):
         load_weight_file(bad)
     with pytest.raises(EncoderError, match="not found"):
         build_encoder("vit_tiny_patch16_224", str(tmp_path / "missing.pth"), img_size=32)
     wrong = tmp_path / "wrong.pth"
     torch.save({"model": {"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}}, wrong)  # unwrapped from "model"
-    with pytest.raises(EncoderError, match=r"wrong\.pth: weights do not fit vit_tiny_patch16_224"):
+    with pytest.raises(EncoderError, match=r"wrong\.pth: the weights do not fit vit_tiny_patch16_224"):
         build_encoder("vit_tiny_patch16_224", str(wrong), img_size=32, kwargs=TINY_VIT)
 
 
@@ -213,3 +213,42 @@ def test_hub_sam_weights_are_resized_to_img_size(monkeypatch: pytest.MonkeyPatch
     assert enc.model.pos_embed.shape == (1, 4, 4, 64)
     torch.testing.assert_close(enc.model.blocks[1].attn.qkv.weight, native.blocks[1].attn.qkv.weight)
     assert enc.record.weights == "hub" and enc.record.weights_sha256 is None
+
+
+def test_frozen_batchnorm_is_put_back_in_eval_and_changed_buffers_are_saved() -> None:
+    """Lightning restores modules' ``training`` flags one by one (not through ``train()``):
+    ``freeze_norm_stats`` undoes that, and any encoder buffer that still changed is checkpointed."""
+    cfg = SegmentTrainConfig.model_validate(
+        {
+            "model": {"encoder": "resnet18", "img_size": 32, "decoder_channels": 1},
+            "adapter": {"mode": "frozen"},
+        }
+    )
+    model = build_model(cfg).train()
+    bn = model.encoder.model.bn1
+    bn.training = True  # what Lightning's mode restore did
+    model.freeze_norm_stats()
+    assert not bn.training
+    assert not [k for k in persistent_keys(model) if k.startswith("encoder.")]
+    with torch.no_grad():
+        model.encoder.model.layer1[0].bn2.running_var.mul_(2)
+    assert "encoder.model.layer1.0.bn2.running_var" in persistent_keys(model)
+
+
+def test_empty_images_count_in_dice_and_false_positive_images_are_reported() -> None:
+    """Issue 14: an image with only false positives used to score NaN and vanish from Dice."""
+    from pathopeft.seg.metrics import METRICS, image_scores, summarise_scores
+
+    target = torch.zeros(3, 1, 8, 8, dtype=torch.long)
+    target[0, 0, :4] = 1  # image 0: half foreground, predicted exactly
+    pred = target.clone()
+    pred[1, 0, 0, 0] = 1  # image 1: empty truth, one false-positive pixel
+    # image 2: empty truth, empty prediction
+    logits = torch.nn.functional.one_hot(pred[:, 0], 2).permute(0, 3, 1, 2).float()
+    scores = image_scores(logits, target)
+    assert scores.shape == (3, len(METRICS), 1)
+    summary = summarise_scores(scores)
+    assert summary["dice"] == pytest.approx((1 + 0 + 1) / 3)
+    assert summary["iou"] == pytest.approx((1 + 0 + 1) / 3)
+    assert summary["dice_nonempty"] == pytest.approx(1.0)
+    assert summary["fp_image_rate"] == pytest.approx(0.5)

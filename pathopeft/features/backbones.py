@@ -37,12 +37,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Checkpoint wrappers seen in the wild: Lightning ("state_dict"), DINO/iBOT ("teacher", "student"),
-# timm train script ("state_dict_ema"), plain dicts ("model"). Unwrapped in this order.
-_WRAPPER_KEYS = ("state_dict", "model", "teacher", "state_dict_ema", "module")
-# Prefixes added by DDP / Lightning / SSL frameworks around the encoder, stripped when that helps.
-_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "trunk.", "teacher.", "student.", "net.")
-
 
 class BackboneError(ValueError):
     """The backbone cannot be built as asked (unknown name, bad weights file, key mismatch)."""
@@ -164,93 +158,25 @@ def _is_network_error(exc: BaseException) -> bool:
 
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A flat ``{key: tensor}`` state dict from safetensors or a torch file (``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise BackboneError(f"{path}: weights file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    """A flat ``{key: tensor}`` state dict, by the loader every stage shares (:mod:`pathopeft.weights`)."""
+    from pathopeft.weights import WeightsError, read_weight_file
 
-            obj: Any = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise BackboneError(
-            f"{path}: cannot read weights ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); "
-            "expected safetensors or a torch state dict of tensors (loaded with weights_only=True)"
-        ) from None
-    for _ in range(3):  # unwrap nested checkpoint containers
-        if isinstance(obj, Mapping):
-            inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-            if inner is not None and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-                obj = inner
-                continue
-        break
-    if not isinstance(obj, Mapping) or not obj:
-        raise BackboneError(f"{path}: not a state dict (got {type(obj).__name__})")
-    state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not state:
-        raise BackboneError(f"{path}: the file holds no tensors")
-    return state
+    try:
+        return read_weight_file(path)
+    except WeightsError as exc:
+        raise BackboneError(str(exc)) from None
 
 
 def match_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
-    """Load ``state`` into ``model`` strictly, after stripping wrapper prefixes and classifier keys.
+    """Load ``state`` into ``model`` strictly by the shared loader: wrapper prefixes stripped,
+    EfficientNet-PyTorch keys converted, classifier keys dropped; any missing or unexpected key,
+    or a shape mismatch, raises :class:`BackboneError` naming the first offenders."""
+    from pathopeft.weights import WeightsError, load_state_into
 
-    Any missing or unexpected key, or a shape mismatch, raises :class:`BackboneError` naming the
-    first offenders: features from a half-loaded encoder would look fine and be garbage.
-    """
-    expected = model.state_dict()
-    state = _strip_prefixes(dict(state), set(expected))
-    classifier = _classifier_prefixes(model)
-    dropped = [k for k in state if k not in expected and k.startswith(classifier)]
-    for key in dropped:
-        del state[key]
-    if dropped:
-        log.info("%s: ignoring %d classifier-head tensors (features use num_classes=0)", source, len(dropped))
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(state) & set(expected))
-        if tuple(state[k].shape) != tuple(expected[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s) (e.g. {', '.join(missing[:5])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s) (e.g. {', '.join(unexpected[:5])})")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es) (e.g. {'; '.join(mismatched[:3])})")
-    if problems:
-        raise BackboneError(
-            f"{source}: the weights do not fit this architecture: {'; '.join(problems)}. "
-            "Check --backbone (and features.model_kwargs) match the checkpoint."
-        )
-    model.load_state_dict(state, strict=True)
-
-
-def _strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
-    """Strip a wrapper prefix shared by the keys as long as that makes more keys match."""
-    for _ in range(4):
-        best, best_hits = None, sum(k in expected for k in state)
-        for prefix in _PREFIXES:
-            stripped = {k.removeprefix(prefix): v for k, v in state.items()}
-            hits = sum(k in expected for k in stripped)
-            if hits > best_hits:
-                best, best_hits = stripped, hits
-        if best is None:
-            return state
-        state = best
-    return state
-
-
-def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    classifier = cfg.get("classifier") or ("head", "fc")
-    names = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    return tuple(f"{n}." for n in names)
+    try:
+        load_state_into(model, state, source=source)
+    except WeightsError as exc:
+        raise BackboneError(f"{exc} (--backbone, features.model_kwargs)") from None
 
 
 def _preprocessing(model: nn.Module, kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,8 @@ Every setting (adapter methods with explicit ranks, plus the frozen-encoder and 
 baselines) is trained on the same split with the same seed at each learning rate of its sweep,
 because LoRA-style methods are learning-rate sensitive and a single shared rate favours whichever
 method it happens to suit. Each setting is reported at the learning rate with the best
-*validation* Dice; only that checkpoint is then evaluated on the test split, which no choice was
+*validation* Dice (empty images counted, see :mod:`pathopeft.seg.metrics`); only that
+checkpoint is then evaluated on the test split, which no choice was
 made on. Output in ``<run.root>/<run.name>/``: ``comparison.csv``, ``comparison.md``,
 ``plots/comparison.png`` (bar charts), ``lr_sweep.csv`` (every run's validation score) and one run
 folder per setting and learning rate (``<setting>/lr_<lr>/``).
@@ -44,6 +45,8 @@ COLUMNS = [
     "test_dice",
     "test_iou",
     "test_hd95",
+    "test_fp_image_rate",
+    "test_dice_nonempty",
     "trainable",
     "trainable_pct",
     "sec_per_epoch",
@@ -194,6 +197,8 @@ def _pick_and_test(
         "test_dice": test.get("dice"),
         "test_iou": test.get("iou"),
         "test_hd95": test.get("hd95"),
+        "test_fp_image_rate": test.get("fp_image_rate"),
+        "test_dice_nonempty": test.get("dice_nonempty"),
         "trainable": trainable["trainable"],
         "trainable_pct": 100 * trainable["share"],
         "sec_per_epoch": summary["seconds_per_epoch"],
@@ -209,6 +214,8 @@ def markdown_table(table: pd.DataFrame) -> str:
         "test_dice": "{:.4f}",
         "test_iou": "{:.4f}",
         "test_hd95": "{:.2f}",
+        "test_fp_image_rate": "{:.3f}",
+        "test_dice_nonempty": "{:.4f}",
         "trainable": "{:,.0f}",
         "trainable_pct": "{:.2f}",
         "sec_per_epoch": "{:.2f}",

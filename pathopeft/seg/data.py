@@ -1,7 +1,9 @@
 """Segmentation data: find image/mask pairs, read them, check them, split them.
 
 Two layouts are accepted: a folder with ``images/`` and ``masks/`` whose files pair up by stem
-(PNG, TIFF, JPEG), or a CSV with ``image``, ``mask`` and optional ``split`` columns. Every problem a
+(PNG, TIFF, JPEG), or a CSV with ``image``, ``mask`` and optional ``split`` and ``group`` columns
+(``group``: the patient or slide an image comes from; the seeded split then assigns whole groups,
+so tiles of one patient never land in both train and test). A path listed twice is refused. Every problem a
 user can fix — a mask without an image, sizes that differ, an unreadable file, a label outside the
 configured classes, an empty split — raises :class:`SegDataError` naming the file, before training
 starts rather than an hour into it.
@@ -16,6 +18,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from pathopeft.suffixes import IMAGE_SUFFIXES
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -35,7 +39,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 SPLITS = ("train", "val", "test")
 _TIFF = (".tif", ".tiff")
 
@@ -51,6 +54,7 @@ class Sample:
     image: Path
     mask: Path | None = None
     split: str | None = None
+    group: str | None = None  # patient / slide: a group's images always share one split
 
     @property
     def name(self) -> str:
@@ -253,7 +257,7 @@ def discover_samples(
             f"image without a mask: {_few_paths(files)} (no {mask_root}/<stem>{mask_suffix}.*)"
         )
     if not images:
-        raise SegDataError(f"{image_root}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise SegDataError(f"{image_root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return [Sample(images[s], masks[s]) for s in sorted(images)]
 
 
@@ -286,22 +290,32 @@ def _from_csv(csv: Path) -> list[Sample]:
         raise SegDataError(f"{csv}: cannot read CSV ({exc})") from exc
     missing = {"image", "mask"} - set(frame.columns)
     if missing:
-        raise SegDataError(f"{csv}: missing column(s) {sorted(missing)} (need image, mask[, split])")
+        raise SegDataError(f"{csv}: missing column(s) {sorted(missing)} (need image, mask[, split, group])")
     if frame.empty:
         raise SegDataError(f"{csv}: no rows")
     samples = []
+    seen: dict[Path, int] = {}
     for row_no, row in enumerate(frame.itertuples(index=False), start=2):
         image, mask = (csv.parent / row.image).resolve(), (csv.parent / row.mask).resolve()
         for path, what in ((image, "image"), (mask, "mask")):
             if not path.is_file():
                 raise SegDataError(f"{csv} line {row_no}: {what} file {path} not found")
+        for path, what in ((image, "image"), (mask, "mask")):
+            if path in seen:
+                raise SegDataError(
+                    f"{csv} line {row_no}: {what} {path} is already listed on line {seen[path]}; "
+                    "an image listed twice could land in train and test"
+                )
+            seen[path] = row_no
         split = getattr(row, "split", "").strip().lower() or None
         if split is not None and split not in SPLITS:
             raise SegDataError(f"{csv} line {row_no}: split {split!r} is not one of {', '.join(SPLITS)}")
-        samples.append(Sample(image, mask, split))
-    given = {s.split is not None for s in samples}
-    if given == {True, False}:
-        raise SegDataError(f"{csv}: the split column is filled for some rows only; fill all or none")
+        group = getattr(row, "group", "").strip() or None
+        samples.append(Sample(image, mask, split, group))
+    for column in ("split", "group"):
+        given = {getattr(s, column) is not None for s in samples}
+        if given == {True, False}:
+            raise SegDataError(f"{csv}: the {column} column is filled for some rows only; fill all or none")
     return samples
 
 
@@ -327,9 +341,13 @@ def check_samples(samples: Sequence[Sample], labels: LabelMap) -> None:
 def split_samples(
     samples: Sequence[Sample], *, val_fraction: float, test_fraction: float, seed: int
 ) -> dict[str, list[Sample]]:
-    """Use the given split column, or draw a seeded split; an empty split is an error."""
+    """Use the given split column, or draw a seeded split (of whole groups when a ``group``
+    column is given); a group spread over splits, or an empty split, is an error."""
+    grouped = bool(samples) and all(s.group is not None for s in samples)
     if samples and all(s.split is not None for s in samples):
         out = {name: [s for s in samples if s.split == name] for name in SPLITS}
+    elif grouped:
+        out = _split_groups(samples, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     else:
         order = np.random.default_rng(seed).permutation(len(samples))
         n_val = max(1, round(len(samples) * val_fraction))
@@ -340,6 +358,18 @@ def split_samples(
             "test": sorted(shuffled[n_val : n_val + n_test], key=_key),
             "train": sorted(shuffled[n_val + n_test :], key=_key),
         }
+    if grouped:
+        where: dict[str, set[str]] = {}
+        for name in SPLITS:
+            for sample in out[name]:
+                where.setdefault(str(sample.group), set()).add(name)
+        spread = {g: sorted(n) for g, n in where.items() if len(n) > 1}
+        if spread:
+            group, names = next(iter(spread.items()))
+            raise SegDataError(
+                f"group {group!r} has images in {' and '.join(names)} (split column): one patient/slide "
+                "must stay in one split"
+            )
     for name in SPLITS:
         if not out[name]:
             raise SegDataError(
@@ -347,6 +377,24 @@ def split_samples(
                 "add images, change data.val_fraction/test_fraction, or fix the CSV's split column)"
             )
     return out
+
+
+def _split_groups(
+    samples: Sequence[Sample], *, val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, list[Sample]]:
+    """Whole groups in seeded order: val until it holds its share of images, then test, then train."""
+    groups = sorted({str(s.group) for s in samples})
+    order = [groups[i] for i in np.random.default_rng(seed).permutation(len(groups))]
+    members = {g: [s for s in samples if s.group == g] for g in groups}
+    targets = {
+        "val": max(1, round(len(samples) * val_fraction)),
+        "test": max(1, round(len(samples) * test_fraction)),
+    }
+    out: dict[str, list[Sample]] = {name: [] for name in SPLITS}
+    for group in order:
+        name = next((n for n in ("val", "test") if len(out[n]) < targets[n]), "train")
+        out[name] += members[group]
+    return {name: sorted(items, key=_key) for name, items in out.items()}
 
 
 def _key(sample: Sample) -> str:

@@ -7,8 +7,10 @@ Two kinds, told apart by timm's own ``feature_info``:
 * **pyramid** — CNNs (``features_only``): feature maps at strides 2…32 for smp decoders; the
   input image is prepended as the stride-1 "feature", as segmentation-models-pytorch expects.
 
-Local weight files are read with ``torch.load(weights_only=True)`` (or safetensors) and passed
-through the model family's own timm key filter — for ``samvit_*`` that is timm's SAM conversion,
+Local weight files go through the loader every stage shares (:mod:`pathopeft.weights`):
+``torch.load(weights_only=True)`` or safetensors, wrappers and prefixes removed (DINO ``teacher``,
+``module.``), EfficientNet-PyTorch keys converted to timm's, and the model family's own timm key
+filter — for ``samvit_*`` that is timm's SAM conversion,
 so the official SAM and MedSAM checkpoints (``image_encoder.*`` keys, ``mlp.lin1``) load as they
 are. Positional embeddings are then resized to ``img_size`` (SAM is trained at 1024 px).
 
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pathopeft.files import sha256_file
+from pathopeft.weights import WeightsError, fit_state_dict, read_weight_file, timm_filter
 
 __all__ = [
     "EncoderError",
@@ -45,8 +47,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_WRAPPER_KEYS = ("state_dict", "model", "module")  # common checkpoint wrappers around the weights
 
 
 class EncoderError(ValueError):
@@ -184,10 +184,17 @@ def build_encoder(
 def _from_state(
     name: str, state: dict[str, torch.Tensor], create_kwargs: dict[str, Any], *, source: str
 ) -> nn.Module:
-    """Build ``name`` from a state dict: timm's key filter, positional tables fitted, strict load."""
+    """Build ``name`` from a state dict fitted by the shared loader (prefixes, EfficientNet-PyTorch
+    conversion, timm's key filter, positional tables resized), every key and shape checked against
+    the whole model before timm builds the (possibly features-only) encoder from it."""
     with torch.device("meta"):
-        probe = timm.create_model(name, pretrained=False, **{**create_kwargs, "features_only": False})
-    state = _fit_positional(timm_filter(state, probe), probe.state_dict())
+        probe = timm.create_model(
+            name, pretrained=False, **{**create_kwargs, "features_only": False, "num_classes": 0}
+        )
+    try:
+        state = fit_state_dict(probe, state, source=source, adjust=_fit_positional)
+    except WeightsError as exc:
+        raise EncoderError(f"{exc} (model.encoder={name!r})") from exc
     try:
         return timm.create_model(
             name, pretrained=True, pretrained_cfg_overlay={"state_dict": state}, **create_kwargs
@@ -241,40 +248,11 @@ def _resolve_layers(layers: list[int] | None, depth: int, name: str) -> list[int
 
 
 def load_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file: safetensors, or ``torch.load(weights_only=True)``, unwrapped."""
-    path = _existing(Path(path))
+    """Tensors of a weights file, by the loader every stage shares (:mod:`pathopeft.weights`)."""
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise EncoderError(
-            f"{path}: not a loadable weights file ({type(exc).__name__}: {_short(exc)})"
-        ) from exc
-    for key in _WRAPPER_KEYS:
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-    if not isinstance(obj, Mapping) or not obj:
-        raise EncoderError(f"{path}: holds no state dict of tensors")
-    state = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not state:
-        raise EncoderError(f"{path}: holds no tensors")
-    return state
-
-
-def timm_filter(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Apply the ``checkpoint_filter_fn`` of the model's timm module (SAM keys, old ViT layouts)."""
-    module = sys.modules.get(type(model).__module__)
-    filter_fn = getattr(module, "checkpoint_filter_fn", None)
-    if filter_fn is None:
-        return state
-    try:
-        return filter_fn(state, model)
-    except TypeError:
-        return filter_fn(state)
+        return read_weight_file(_existing(Path(path)))
+    except WeightsError as exc:
+        raise EncoderError(str(exc)) from exc
 
 
 def _fit_positional(

@@ -4,7 +4,14 @@ Metrics are computed per image and per foreground class with MONAI (Dice, IoU, 9
 Hausdorff distance), then averaged over classes (ignoring undefined ones) and over images.
 Conventions, stated because papers differ:
 
-* an image whose ground truth lacks a class does not count for that class (MONAI ``ignore_empty``);
+* ``dice`` / ``iou`` count every image: where the ground truth lacks a class, an empty
+  prediction scores 1 and any predicted pixel scores 0 (MONAI ``ignore_empty=False``). This is
+  the score that picks checkpoints and learning rates: with ``ignore_empty=True`` an image with
+  only false positives scored NaN and was dropped, so over-segmenting empty images cost nothing;
+* ``fp_image_rate``: of the images whose ground truth lacks a class, the share with any pixel
+  predicted as that class (NaN when no image lacks it);
+* ``dice_nonempty``: Dice over images that hold the class only (``ignore_empty=True``, the
+  convention of many papers), reported for comparison;
 * HD95 is in pixels at the working scale; when exactly one of prediction and ground truth is empty
   for a class, HD95 is the image diagonal (the worst possible), not "undefined" — otherwise a model
   that predicts nothing would look good on HD95; when both are empty it is undefined.
@@ -26,7 +33,7 @@ from pathopeft.config.segment import SegLossConfig
 
 __all__ = ["METRICS", "build_loss", "image_scores", "predict_logits", "summarise_scores"]
 
-METRICS = ("dice", "iou", "hd95")
+METRICS = ("dice", "iou", "hd95", "fp_image_rate", "dice_nonempty")
 
 
 def build_loss(cfg: SegLossConfig) -> nn.Module:
@@ -81,12 +88,13 @@ def _one_hot(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 @torch.no_grad()
 def image_scores(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per image and foreground class: ``(B, 3, C-1)`` = Dice, IoU, HD95 (NaN = undefined)."""
+    """Per image and foreground class: ``(B, len(METRICS), C-1)`` in :data:`METRICS` order
+    (NaN = undefined)."""
     num_classes = logits.shape[1]
     pred = _one_hot(logits.argmax(1), num_classes)
     truth = _one_hot(target[:, 0], num_classes)
-    dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)(pred, truth)
-    iou = MeanIoU(include_background=False, reduction="none", ignore_empty=True)(pred, truth)
+    dice = DiceMetric(include_background=False, reduction="none", ignore_empty=False)(pred, truth)
+    iou = MeanIoU(include_background=False, reduction="none", ignore_empty=False)(pred, truth)
     with warnings.catch_warnings():  # MONAI's HD metric calls its own deprecated argument internally
         warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
         # empty prediction / ground truth: handled below by this module's stated convention
@@ -100,11 +108,15 @@ def image_scores(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     diagonal = math.hypot(*logits.shape[-2:])
     hd95 = torch.where(has_pred ^ has_truth, torch.full_like(hd95, diagonal), hd95)
     hd95 = torch.where(~has_pred & ~has_truth, torch.full_like(hd95, float("nan")), hd95)
-    return torch.stack([dice, iou, hd95], dim=1)
+    nan = torch.full_like(dice, float("nan"))
+    has_pred, has_truth = has_pred.to(dice.device), has_truth.to(dice.device)
+    false_positive_image = torch.where(has_truth, nan, has_pred.to(dice.dtype))
+    dice_nonempty = torch.where(has_truth, dice, nan)
+    return torch.stack([dice, iou, hd95, false_positive_image, dice_nonempty], dim=1)
 
 
 def summarise_scores(scores: torch.Tensor) -> dict[str, float | list[float]]:
-    """``(N, 3, C-1)`` per-image scores → dataset means and per-class means."""
+    """``(N, len(METRICS), C-1)`` per-image scores → dataset means and per-class means."""
     out: dict[str, float | list[float]] = {}
     if scores.numel() == 0:
         return {name: float("nan") for name in METRICS}

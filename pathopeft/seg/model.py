@@ -45,20 +45,43 @@ class SegmentationModel(nn.Module):
         self.num_classes = num_classes
         self.decoder_name = decoder_name
         self.base_pointers: set[int] = set()  # storages of the frozen encoder as built
+        self.base_buffers: dict[str, torch.Tensor] = {}  # copies of the encoder's buffers as built
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.decoder(image, self.encoder(image))
 
     def train(self, mode: bool = True) -> SegmentationModel:
-        """Frozen BatchNorm layers of the encoder keep their pretrained statistics (eval mode)."""
+        """Frozen norm layers of the encoder keep their pretrained statistics (eval mode)."""
         super().train(mode)
         if mode:
-            for module in self.encoder.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
-                    p.requires_grad for p in module.parameters(recurse=False)
-                ):
-                    module.eval()
+            self.freeze_norm_stats()
         return self
+
+    def freeze_norm_stats(self) -> None:
+        """Put every encoder BatchNorm without trainable parameters in eval mode.
+
+        Why a method of its own: Lightning restores each module's ``training`` flag one by one
+        after validation instead of calling :meth:`train`, which put "frozen" BatchNorms back in
+        train mode; their running statistics then drifted and were never saved (issue 16). The
+        LightningModule calls this before every training batch.
+        """
+        for module in self.encoder.modules():
+            if (
+                isinstance(module, nn.modules.batchnorm._BatchNorm)
+                and module.training
+                and not any(p.requires_grad for p in module.parameters(recurse=False))
+            ):
+                module.eval()
+
+    def changed_buffers(self) -> set[str]:
+        """Encoder buffers whose values differ from the encoder as built (checkpoints keep them)."""
+        current = dict(self.named_buffers())
+        return {
+            key
+            for key, base in self.base_buffers.items()
+            if key in current
+            and (current[key].shape != base.shape or not torch.equal(current[key].detach().cpu(), base))
+        }
 
 
 def _tune_adapter(encoder: SegEncoder, cfg: SegAdapterConfig) -> None:
@@ -159,6 +182,11 @@ def build_model(cfg: SegmentTrainConfig, *, verbose: bool = True) -> Segmentatio
     decoder_name, decoder = build_decoder(m.decoder, encoder, cfg.data.num_classes, m.decoder_channels)
     model = SegmentationModel(encoder, decoder, num_classes=cfg.data.num_classes, decoder_name=decoder_name)
     model.base_pointers = base_pointers
+    model.base_buffers = {
+        key: tensor.detach().cpu().clone()
+        for key, tensor in model.named_buffers()
+        if key.startswith("encoder.")
+    }
     return model
 
 
@@ -167,7 +195,9 @@ def persistent_keys(model: SegmentationModel) -> set[str]:
 
     Kept: the decoder; every trainable parameter; every buffer of a module that has trainable
     parameters (e.g. BatchNorm statistics of trained norms); any tensor the tuning created (adapter
-    factors, SVD bases). Left out: tensors whose storage is the encoder's as built and frozen.
+    factors, SVD bases); every encoder buffer whose value changed since the encoder was built
+    (:meth:`SegmentationModel.changed_buffers`; called again at each save). Left out: tensors
+    whose storage and value are the encoder's as built and frozen.
     """
     trainable_modules = {
         name
@@ -185,7 +215,7 @@ def persistent_keys(model: SegmentationModel) -> set[str]:
             or (tensor.numel() and tensor.data_ptr() not in model.base_pointers)
         ):
             keep.add(key)
-    return keep
+    return keep | model.changed_buffers()
 
 
 def trainable_summary(model: SegmentationModel) -> dict[str, Any]:

@@ -41,6 +41,9 @@ class SegmentationModule(lightning.LightningModule):
         return self.model(image)
 
     # ------------------------------------------------------------------------------------ steps
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.model.freeze_norm_stats()  # Lightning may have reset their mode after validation
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self.model(batch["image"])
         loss = self.loss_fn(logits.float(), batch["mask"])
@@ -96,7 +99,7 @@ class SegmentationModule(lightning.LightningModule):
     def _finish(self, stage: str) -> None:
         """Gather per-image scores from every rank, average, log the same value everywhere."""
         width = self.model.num_classes - 1
-        local = torch.cat(self._scores[stage]) if self._scores[stage] else torch.empty(0, 3, width)
+        local = torch.cat(self._scores[stage]) if self._scores[stage] else torch.empty(0, len(METRICS), width)
         summary = summarise_scores(self._gather_rows(local.float()).cpu())
         self.results[stage] = summary
         for name in METRICS:
@@ -153,7 +156,9 @@ class SegmentationModule(lightning.LightningModule):
     # ------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
-        checkpoint["state_dict"] = {k: v for k, v in state.items() if k in self._persistent}
+        # buffers that changed since the encoder was built are kept too, whatever their module
+        keep = self._persistent | {f"model.{k}" for k in self.model.changed_buffers()}
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
         checkpoint["pathopeft"] = checkpoint_meta(self.model, self.cfg)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -43,11 +43,11 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[Path]:
         if item.is_dir():
             found = find_images(item)
             if not found:
-                raise SegDataError(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)})")
+                raise SegDataError(f"{item}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             files += found
         elif item.is_file():
             if item.suffix.lower() not in IMAGE_SUFFIXES:
-                raise SegDataError(f"{item}: not an image file ({', '.join(IMAGE_SUFFIXES)})")
+                raise SegDataError(f"{item}: not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
             files.append(item)
         else:
             raise SegDataError(f"{item}: no such file or folder")

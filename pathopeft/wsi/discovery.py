@@ -30,10 +30,8 @@ from pathopeft.config.base import ConfigError
 
 __all__ = ["SLIDE_SUFFIXES", "DiscoveryError", "SlideSource", "discover_slides", "slide_id_for"]
 
-# Extensions OpenSlide opens as whole-slide images (.dcm handled as folders).
-SLIDE_SUFFIXES = frozenset(
-    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".qptiff"}
-)
+# Extensions OpenSlide opens as whole-slide images (.dcm handled as folders): one list for all stages.
+from pathopeft.suffixes import SLIDE_SUFFIXES
 
 
 class DiscoveryError(ConfigError):

@@ -25,7 +25,7 @@ __all__ = ["IMAGE_SUFFIXES", "OpenSlideSlide", "mpp_from_properties", "open_open
 log = logging.getLogger(__name__)
 
 # Flat images openslide-python reads through PIL (ImageSlide) when OpenSlide does not know them.
-IMAGE_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"})
+from pathopeft.suffixes import IMAGE_SUFFIXES  # noqa: E402  (one list for all stages)
 
 # Flat images are decoded whole by PIL; beyond this (~1 GB RGB) a pyramidal TIFF is required.
 MAX_FLAT_PIXELS = 20_000 * 20_000
