@@ -1,4 +1,4 @@
-"""``pathopeft manifest``: a training manifest (slide_id,label,split|fold) from labels + slides."""
+"""``pathopeft manifest``: a training manifest (slide_id,[case_id,]label,split|fold) from labels + slides."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathopeft.cli._common import handle_errors
     "--labels",
     required=True,
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="CSV with slide_id,label (or CAMELYON16's header-less reference.csv).",
+    help="CSV with slide_id,label[,case_id|patient|case_submitter_id] (or CAMELYON16's reference.csv).",
 )
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Manifest CSV.")
 @click.option(
@@ -47,7 +47,10 @@ def manifest(
     """Build a training manifest (slide_id,label,split|fold) from labels and slides.
 
     Joins the labels with the slides of SOURCE (a `pathopeft tile` output folder, a folder of bags
-    or slides, or a CSV with slide_id) and assigns a seeded stratified split or folds. Without
+    or slides, or a CSV with slide_id) and assigns a seeded stratified split or folds, per case
+    (patient): all slides of a case land in one split or fold. The case comes from the labels
+    file's case_id/patient/case_submitter_id column, else from a TCGA barcode's first 12
+    characters (both written as a case_id column), else each slide is its own case. Without
     SOURCE every labelled slide is listed.
 
     \b
@@ -74,4 +77,5 @@ def manifest(
     atomic_write_text(out, table.to_csv(index=False))
     column = "fold" if "fold" in table.columns else "split"
     counts = ", ".join(f"{k}: {v}" for k, v in table[column].value_counts().sort_index().items())
-    click.echo(f"wrote {len(table)} slides to {out} ({column} {counts})")
+    cases = f", {table['case_id'].nunique()} cases" if "case_id" in table.columns else ""
+    click.echo(f"wrote {len(table)} slides{cases} to {out} ({column} {counts})")

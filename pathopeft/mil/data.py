@@ -326,7 +326,7 @@ class MILDataModule(lightning.LightningDataModule):
             df, self.features_dir, allow_missing=cfg.allow_missing, in_dim=self.requested_dim
         )
         kept = {i.slide_id for i in self.items}
-        self.splits = df[df["slide_id"].isin(kept)][["slide_id", "label_name", "split"]].rename(
+        self.splits = df[df["slide_id"].isin(kept)][["slide_id", "case_id", "label_name", "split"]].rename(
             columns={"label_name": "label"}
         )
         for split in ("train", "val"):  # the manifest had some (assign_splits checks): bags are missing

@@ -2,7 +2,15 @@
 
 Schema (see ``data_manifests/README.md``): ``slide_id`` (matches the bag's file stem), ``label``
 (a class name from the config, case-insensitive, or a class index), optional ``split``
-(``train``/``val``/``test``) and/or ``fold`` (an integer). Several manifests can be concatenated.
+(``train``/``val``/``test``) and/or ``fold`` (an integer), optional ``case_id`` (the patient).
+Several manifests can be concatenated.
+
+Splits are drawn per case, not per slide, so that slides of one patient never sit on both sides of
+a split (TCGA cohorts have several slides per patient; per-slide splits would be optimistic). When
+``case_id`` is absent or empty, a TCGA barcode (``TCGA-XX-XXXX-…``) gives its first 12 characters
+(the patient); any other slide is its own case. A case whose slides have different labels is
+stratified by its majority label (ties: the lowest class index); a case whose explicit ``split`` or
+``fold`` values disagree is refused.
 
 :func:`build_manifest` is what ``pathopeft manifest`` runs: it joins a labels CSV (``slide_id,label``
 with a header, or CAMELYON16's official header-less ``reference.csv``) with the slides found in a
@@ -13,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +35,7 @@ __all__ = [
     "SPLITS",
     "assign_splits",
     "build_manifest",
+    "case_ids",
     "parse_label",
     "read_labels",
     "read_manifest",
@@ -38,6 +48,45 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 _BAG_SUFFIXES = {".h5", ".hdf5", ".pt"}
+_TCGA = re.compile(r"^TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}(?![A-Z0-9])", re.IGNORECASE)
+_CASE_COLUMNS = ("case_id", "patient", "case_submitter_id")
+
+
+def case_ids(slide_ids: Sequence[str], explicit: Sequence[str] | None = None) -> list[str]:
+    """The case (patient) of every slide: the explicit value, else the TCGA patient, else the slide.
+
+    A TCGA barcode's first 12 characters (``TCGA-TSS-PPPP``) name the patient; the rest names the
+    sample, portion and slide, so slides sharing that prefix come from one person.
+    """
+    out = []
+    for i, sid in enumerate(slide_ids):
+        given = str(explicit[i]).strip() if explicit is not None else ""
+        if given:
+            out.append(given)
+        elif _TCGA.match(sid):
+            out.append(sid[:12].upper())
+        else:
+            out.append(sid)
+    return out
+
+
+def _case_conflicts(df: pd.DataFrame, column: str, missing: str) -> list[str]:
+    """One message per case whose slides carry different ``column`` values (blank → ``missing``).
+
+    Blank splits count as ``train`` (what :func:`assign_splits` makes of them), so a case with one
+    ``val`` slide and one unmarked slide is refused too.
+    """
+    problems = []
+    values = df[column].astype(object).where(df[column].notna(), missing).astype(str)
+    for case, group in df.assign(value_=values).groupby("case_id", sort=True):
+        seen = sorted(set(group["value_"]))
+        if len(seen) > 1:
+            slides = ", ".join(f"{r.slide_id} ({column}={r.value_}, {r.source})" for r in group.itertuples())
+            problems.append(
+                f"case {case!r} appears in more than one {column} ({', '.join(seen)}): {slides}; "
+                f"all slides of a case (patient) must share one {column}"
+            )
+    return problems
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -109,6 +158,10 @@ def read_manifest(paths: str | Path | Sequence[str | Path], classes: Sequence[st
         df["fold"] = folds.astype("Int64")
     else:
         df["fold"] = pd.array([pd.NA] * len(df), dtype="Int64")
+    explicit = df["case_id"].tolist() if "case_id" in df.columns else None
+    df["case_id"] = case_ids(df["slide_id"].tolist(), explicit)
+    if not problems:
+        problems += _case_conflicts(df, "split", "train") + _case_conflicts(df, "fold", "none")
     dupes = df[df["slide_id"].duplicated(keep=False)]
     for sid, group in dupes.groupby("slide_id"):
         problems.append(f"slide {sid!r} is listed more than once ({', '.join(group['source'])})")
@@ -116,12 +169,36 @@ def read_manifest(paths: str | Path | Sequence[str | Path], classes: Sequence[st
     problems += [f"{r.source}: empty slide_id" for r in empty.itertuples()]
     if problems:
         raise ConfigError("invalid manifest:\n  - " + "\n  - ".join(problems))
-    return df[["slide_id", "label", "label_name", "split", "fold", "source"]]
+    return df[["slide_id", "case_id", "label", "label_name", "split", "fold", "source"]]
 
 
 # --- splitting --------------------------------------------------------------------------------
-def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask choosing ``round(fraction · n_c)`` items of every class c (seeded)."""
+def _by_case(labels: Sequence[int], groups: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(label of every case, case index of every item); a case's label is its majority label.
+
+    Cases are numbered in order of first appearance, so with one slide per case the draw is the
+    same as the per-slide one (seeded results of non-TCGA manifests do not change).
+    """
+    codes, uniques = pd.factorize(pd.Series(list(groups), dtype=object), sort=False)
+    labels = np.asarray(labels)
+    case_labels = np.empty(len(uniques), dtype=labels.dtype if len(labels) else np.int64)
+    for c in range(len(uniques)):
+        values, counts = np.unique(labels[codes == c], return_counts=True)
+        case_labels[c] = values[np.argmax(counts)]  # np.unique sorts: ties go to the lowest label
+    return case_labels, codes
+
+
+def stratified_split(
+    labels: Sequence[int], fraction: float, seed: int, groups: Sequence[str] | None = None
+) -> np.ndarray:
+    """Boolean mask choosing ``round(fraction · n_c)`` items of every class c (seeded).
+
+    With ``groups`` (a case id per item) whole cases are chosen, stratified by case label, so the
+    fraction counts cases; every item of a chosen case is chosen.
+    """
+    if groups is not None:
+        case_labels, codes = _by_case(labels, groups)
+        return stratified_split(case_labels, fraction, seed)[codes]
     labels = np.asarray(labels)
     chosen = np.zeros(len(labels), dtype=bool)
     rng = np.random.default_rng(seed)
@@ -134,10 +211,18 @@ def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> np.nd
     return chosen
 
 
-def stratified_folds(labels: Sequence[int], k: int, seed: int) -> np.ndarray:
-    """Fold index 0..k-1 per item, classes spread evenly over folds (seeded)."""
+def stratified_folds(
+    labels: Sequence[int], k: int, seed: int, groups: Sequence[str] | None = None
+) -> np.ndarray:
+    """Fold index 0..k-1 per item, classes spread evenly over folds (seeded).
+
+    With ``groups`` whole cases are dealt out to folds (stratified by case label).
+    """
     if k < 2:
         raise ValueError(f"folds must be at least 2, got {k}")
+    if groups is not None:
+        case_labels, codes = _by_case(labels, groups)
+        return stratified_folds(case_labels, k, seed)[codes]
     labels = np.asarray(labels)
     folds = np.zeros(len(labels), dtype=np.int64)
     rng = np.random.default_rng(seed)
@@ -154,7 +239,8 @@ def assign_splits(df: pd.DataFrame, *, fold: int | None, val_fraction: float, se
 
     With ``fold``: rows of that fold are val, rows of other folds train (rows marked ``split=test``
     stay test). Otherwise the ``split`` column is used; rows without one are train. When no row is
-    val, a stratified ``val_fraction`` of train is carved out (seeded). No training or no validation
+    val, a stratified ``val_fraction`` of train is carved out (seeded), by whole case when the frame
+    has a ``case_id`` column. No training or no validation
     slide at the end is a :class:`ConfigError` that says why.
     """
     df = df.copy()
@@ -174,7 +260,8 @@ def assign_splits(df: pd.DataFrame, *, fold: int | None, val_fraction: float, se
     if not (df["split"] == "val").any():
         train = np.flatnonzero(df["split"].to_numpy() == "train")
         if val_fraction > 0:
-            carve = stratified_split(df["label"].to_numpy()[train], val_fraction, seed)
+            groups = df["case_id"].to_numpy()[train] if "case_id" in df.columns else None
+            carve = stratified_split(df["label"].to_numpy()[train], val_fraction, seed, groups)
             df.loc[df.index[train[carve]], "split"] = "val"
         if not (df["split"] == "val").any():
             raise ConfigError(_no_validation_message(df.iloc[train], fold, val_fraction))
@@ -202,7 +289,9 @@ def _no_validation_message(train: pd.DataFrame, fold: int | None, val_fraction: 
 
 # --- building ---------------------------------------------------------------------------------
 def read_labels(path: str | Path) -> pd.DataFrame:
-    """slide_id,label from a labels CSV with a header, or CAMELYON16's header-less ``reference.csv``.
+    """slide_id,label[,case_id] from a labels CSV with a header, or CAMELYON16's ``reference.csv``.
+
+    A ``case_id``, ``patient`` or ``case_submitter_id`` column (first found) becomes ``case_id``.
 
     ``reference.csv`` rows look like ``test_001,Tumor,Macro,`` (id, class, metastasis size, …); the
     id may carry a ``.tif`` suffix, which is dropped.
@@ -215,9 +304,11 @@ def read_labels(path: str | Path) -> pd.DataFrame:
     if not rows:
         raise ConfigError(f"{path}: empty labels file")
     header = [c.lower() for c in rows[0]]
+    case = None
     if "slide_id" in header and "label" in header:
         sid, lab = header.index("slide_id"), header.index("label")
         body = rows[1:]
+        case = next((header.index(c) for c in _CASE_COLUMNS if c in header), None)
     elif len(rows[0]) >= 2 and "slide_id" not in header:
         sid, lab, body = 0, 1, rows  # header-less: first column id, second label (reference.csv)
         if header[0] in {"image", "id", "slide", "name"}:
@@ -228,7 +319,10 @@ def read_labels(path: str | Path) -> pd.DataFrame:
     if short:
         raise ConfigError(f"{path}: row(s) {short[:10]} have fewer than {max(sid, lab) + 1} columns")
     ids = [_strip_suffix(r[sid]) for r in body]
-    return pd.DataFrame({"slide_id": ids, "label": [r[lab] for r in body]})
+    table = pd.DataFrame({"slide_id": ids, "label": [r[lab] for r in body]})
+    if case is not None:
+        table["case_id"] = [r[case] if len(r) > case else "" for r in body]
+    return table
 
 
 def slides_in(source: str | Path) -> list[str]:
@@ -264,7 +358,12 @@ def build_manifest(
     split: str | None = None,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """A manifest (slide_id,label,split | slide_id,label,fold) for the labelled slides of ``source``."""
+    """A manifest (slide_id,[case_id,]label,split|fold) for the labelled slides of ``source``.
+
+    Splits and folds are drawn per case. A ``case_id`` column is written when the labels file has
+    one or some slide id is a TCGA barcode; otherwise every slide is its own case and the column
+    would only repeat the slide id.
+    """
     table = read_labels(labels)
     dupes = sorted(table.loc[table["slide_id"].duplicated(), "slide_id"])
     if dupes:
@@ -283,23 +382,31 @@ def build_manifest(
         if table.empty:
             raise ConfigError(f"none of the slides in {source} has a label in {labels}")
     table = table.sort_values("slide_id").reset_index(drop=True)
+    explicit = table["case_id"].tolist() if "case_id" in table.columns else None
+    cases = case_ids(table["slide_id"].tolist(), explicit)
+    if explicit is not None or any(_TCGA.match(s) for s in table["slide_id"]):
+        table = table.drop(columns="case_id", errors="ignore")
+        table.insert(1, "case_id", cases)
     codes = pd.factorize(table["label"].str.lower())[0]
     if split is not None:
         if split not in SPLITS:
             raise ConfigError(f"--split must be one of {SPLITS}, got {split!r}")
         table["split"] = split
     elif folds:
-        table["fold"] = stratified_folds(codes, folds, seed)
+        table["fold"] = stratified_folds(codes, folds, seed, cases)
     else:
         if val_fraction + test_fraction >= 1:
             raise ConfigError("val and test fractions must leave some slides for training")
         out = np.full(len(table), "train", dtype=object)
         test = (
-            stratified_split(codes, test_fraction, seed) if test_fraction > 0 else np.zeros(len(table), bool)
+            stratified_split(codes, test_fraction, seed, cases)
+            if test_fraction > 0
+            else np.zeros(len(table), bool)
         )
         out[test] = "test"
         rest = np.flatnonzero(~test)
-        val = stratified_split(codes[rest], val_fraction / (1 - test_fraction), seed + 1)
+        rest_cases = [cases[i] for i in rest]
+        val = stratified_split(codes[rest], val_fraction / (1 - test_fraction), seed + 1, rest_cases)
         out[rest[val]] = "val"
         table["split"] = out
     return table
