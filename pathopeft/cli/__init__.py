@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "train": "pathopeft.cli.train:train",
     "manifest": "pathopeft.cli.manifest:manifest",
     "segment": "pathopeft.cli.segment:segment",
+    "view": "pathopeft.cli.view:view",
 }
 
 
