@@ -75,6 +75,7 @@ function drawRegions() {
     }
   }
   svg.dataset.count = String(n);
+  svg.dataset.threshold = String(state.regions.threshold);
 }
 
 function updateScaleBar() {
