@@ -89,3 +89,31 @@ def test_unknown_ids_and_traversal_are_404(client, url):
 def test_page_and_vendored_openseadragon_served(client):
     assert b"openseadragon.min.js" in client.get("/").data
     assert client.get("/static/openseadragon/openseadragon.min.js").status_code == 200
+
+
+def test_cli_port_0_prints_url_and_serves(tmp_path):
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    make_export(tmp_path, task="tumor")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pathopeft", "view", str(tmp_path), "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("pathopeft view: http://127.0.0.1:"), line
+        url = line.split()[-1]
+        with urllib.request.urlopen(url + "api/slides") as r:
+            assert json.loads(r.read())[0]["slide_id"] == "s1"
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.csv"):
+        create_app(tmp_path)
