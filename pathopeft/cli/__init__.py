@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "add-task": "pathopeft.cli.add_task:add_task",
     "tasks": "pathopeft.cli.tasks:tasks",
     "heatmap": "pathopeft.cli.heatmap:heatmap",
+    "view": "pathopeft.cli.view:view",
 }
 
 

@@ -1,0 +1,119 @@
+"""Find heatmap export folders and index their slides by id (never by path from the client)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SlideEntry:
+    """One exported slide of one task: its score contract and tile scores."""
+
+    key: str  # "<task>/<slide_id>", the only handle the browser ever sends
+    slide_id: str
+    task: str
+    folder: Path
+    meta: dict
+    slide_path: Path
+    _scores: pd.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def scores(self) -> pd.DataFrame:
+        """Tile scores from ``<slide_id>.csv`` (x, y, width, height, score), loaded lazily."""
+        if self._scores is None:
+            path = self.folder / f"{self.slide_id}.csv"
+            df = pd.read_csv(path)
+            missing = {"x", "y", "width", "height", "score"} - set(df.columns)
+            if missing:
+                raise ValueError(f"{path}: missing columns {sorted(missing)}")
+            self._scores = df
+        return self._scores
+
+    def score_grid(self) -> tuple[np.ndarray, int, int, int]:
+        """Scores on the regular tile grid: (grid[ny, nx] with NaN = no tile, origin x, origin y, size)."""
+        df = self.scores
+        ts = int(self.meta.get("tile_size") or int(df["width"].iloc[0]))
+        ox = int(df["x"].min()) % ts
+        oy = int(df["y"].min()) % ts
+        gx = ((df["x"].to_numpy() - ox) // ts).astype(int)
+        gy = ((df["y"].to_numpy() - oy) // ts).astype(int)
+        w, h = self.meta.get("level0_size") or [int(gx.max() + 1) * ts, int(gy.max() + 1) * ts]
+        nx = max(int(gx.max()) + 1, -(-int(w) // ts))
+        ny = max(int(gy.max()) + 1, -(-int(h) // ts))
+        grid = np.full((ny, nx), np.nan, dtype=np.float32)
+        grid[gy, gx] = df["score"].to_numpy(dtype=np.float32)
+        return grid, ox, oy, ts
+
+
+class Catalog:
+    """All slides under one export folder or a parent of several (one per task)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"heatmap folder not found: {self.root}")
+        folders = (
+            [self.root]
+            if (self.root / "manifest.csv").is_file()
+            else sorted(p.parent for p in self.root.glob("*/manifest.csv"))
+        )
+        if not folders:
+            raise FileNotFoundError(f"{self.root}: no manifest.csv here or in a child folder")
+        self.entries: dict[str, SlideEntry] = {}
+        for folder in folders:
+            self._load_folder(folder)
+
+    def _load_folder(self, folder: Path) -> None:
+        manifest = pd.read_csv(folder / "manifest.csv", dtype=str, keep_default_na=False)
+        for col in ("slide_id", "status"):
+            if col not in manifest.columns:
+                raise ValueError(f"{folder / 'manifest.csv'}: missing column {col!r}")
+        for row in manifest.to_dict("records"):
+            if row["status"] != "ok":
+                continue
+            sid = row["slide_id"]
+            meta_path = folder / f"{sid}.json"
+            try:
+                meta = json.loads(meta_path.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                log.warning("skipping slide %s: cannot read %s (%s)", sid, meta_path, err)
+                continue
+            task = str(meta.get("task") or row.get("task") or folder.name)
+            key = f"{task}/{sid}"
+            self.entries[key] = SlideEntry(
+                key=key,
+                slide_id=sid,
+                task=task,
+                folder=folder,
+                meta=meta,
+                slide_path=Path(meta.get("slide_path") or row.get("slide_path", "")),
+            )
+
+    def get(self, task: str, slide_id: str) -> SlideEntry | None:
+        """The entry for exactly this (task, id) pair, or None (never a filesystem lookup)."""
+        return self.entries.get(f"{task}/{slide_id}")
+
+    def listing(self) -> list[dict]:
+        """What the slide list page shows."""
+        out = []
+        for e in self.entries.values():
+            m = e.meta
+            out.append(
+                {
+                    "slide_id": e.slide_id,
+                    "task": e.task,
+                    "class": m.get("class"),
+                    "bag_probability": m.get("bag_probability"),
+                    "predicted_class": m.get("predicted_class"),
+                    "threshold": m.get("threshold"),
+                }
+            )
+        return out

@@ -1,0 +1,94 @@
+"""Flask app: slide list, viewer page, DeepZoom slide/heatmap tiles, regions. Ids only, never paths."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from flask import Flask, Response, abort, jsonify, request, send_from_directory
+
+from pathopeft.viewer.catalog import Catalog
+from pathopeft.viewer.tiles import LRUCache, SlideTiler
+
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(root: str | Path, *, cache_tiles: int = 2048) -> Flask:
+    """Build the viewer app over the export folder(s) under ``root``."""
+    catalog = Catalog(root)
+    cache = LRUCache(cache_tiles)
+    tilers: dict[str, SlideTiler] = {}
+    tilers_lock = threading.Lock()
+    app = Flask(__name__, static_folder=None)
+    app.config["catalog"] = catalog
+    app.config["cache"] = cache
+
+    def tiler(task: str, slide_id: str) -> SlideTiler:
+        entry = catalog.get(task, slide_id)
+        if entry is None:
+            abort(404)
+        with tilers_lock:
+            if entry.key not in tilers:
+                tilers[entry.key] = SlideTiler(entry)
+            return tilers[entry.key]
+
+    def checked_level(t: SlideTiler, level: int, col: int, row: int) -> None:
+        if not 0 <= level < t.dz.level_count:
+            abort(404)
+        cols, rows = t.dz.level_tiles[level]
+        if not (0 <= col < cols and 0 <= row < rows):
+            abort(404)
+
+    @app.get("/")
+    def index() -> Response:
+        return send_from_directory(STATIC, "index.html")
+
+    @app.get("/static/<path:name>")
+    def static_file(name: str) -> Response:
+        return send_from_directory(STATIC, name)  # werkzeug's safe_join: traversal -> 404
+
+    @app.get("/api/slides")
+    def slides() -> Response:
+        return jsonify(catalog.listing())
+
+    @app.get("/api/<task>/<slide_id>/info")
+    def info(task: str, slide_id: str) -> Response:
+        return jsonify(tiler(task, slide_id).info())
+
+    @app.get("/api/<task>/<slide_id>/slide.dzi")
+    def dzi(task: str, slide_id: str) -> Response:
+        return Response(tiler(task, slide_id).dzi(), mimetype="application/xml")
+
+    @app.get("/api/<task>/<slide_id>/slide_files/<int:level>/<int:col>_<int:row>.jpeg")
+    def slide_tile(task: str, slide_id: str, level: int, col: int, row: int) -> Response:
+        t = tiler(task, slide_id)
+        checked_level(t, level, col, row)
+        data = cache.get_or_make(("s", t.entry.key, level, col, row), lambda: t.slide_tile(level, col, row))
+        return Response(data, mimetype="image/jpeg")
+
+    @app.get("/api/<task>/<slide_id>/heatmap_files/<int:level>/<int:col>_<int:row>.png")
+    def heat_tile(task: str, slide_id: str, level: int, col: int, row: int) -> Response:
+        t = tiler(task, slide_id)
+        checked_level(t, level, col, row)
+        data = cache.get_or_make(("h", t.entry.key, level, col, row), lambda: t.heatmap_tile(level, col, row))
+        return Response(data, mimetype="image/png")
+
+    @app.get("/api/<task>/<slide_id>/regions")
+    def regions(task: str, slide_id: str) -> Response:
+        t = tiler(task, slide_id)
+        try:
+            thr = float(request.args.get("threshold", t.info()["threshold"]))
+        except ValueError:
+            abort(400)
+        return jsonify(t.regions(thr))
+
+    @app.get("/api/<task>/<slide_id>/score")
+    def score(task: str, slide_id: str) -> Response:
+        t = tiler(task, slide_id)
+        try:
+            x, y = float(request.args["x"]), float(request.args["y"])
+        except (KeyError, ValueError):
+            abort(400)
+        return jsonify({"score": t.score_at(x, y)})
+
+    return app

@@ -1,0 +1,138 @@
+"""Slide tiles from openslide's DeepZoomGenerator and heatmap tiles on the same grid."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import matplotlib
+import numpy as np
+import openslide
+from openslide.deepzoom import DeepZoomGenerator
+from PIL import Image
+from shapely.geometry import box, mapping
+from shapely.ops import unary_union
+
+from pathopeft.viewer.catalog import SlideEntry
+
+TILE = 256
+OVERLAP = 0
+
+
+class LRUCache:
+    """A bounded, thread-safe bytes cache (tile count cap) so panning cannot grow memory without end."""
+
+    def __init__(self, max_items: int = 2048) -> None:
+        self.max_items = max_items
+        self._data: OrderedDict[tuple, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_or_make(self, key: tuple, make: Callable[[], bytes]) -> bytes:
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return self._data[key]
+        value = make()
+        with self._lock:
+            self._data[key] = value
+            while len(self._data) > self.max_items:
+                self._data.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class SlideTiler:
+    """DeepZoom pyramid of one slide plus its heatmap rendered from the tile scores."""
+
+    def __init__(self, entry: SlideEntry) -> None:
+        self.entry = entry
+        self.slide = openslide.OpenSlide(str(entry.slide_path))
+        self.dz = DeepZoomGenerator(self.slide, tile_size=TILE, overlap=OVERLAP, limit_bounds=False)
+        self.grid, self.ox, self.oy, self.ts = entry.score_grid()
+        self.cmap = matplotlib.colormaps[str(entry.meta.get("colormap") or "jet")]
+        self._lock = threading.Lock()  # openslide handles are not documented as thread-safe
+
+    def dzi(self) -> str:
+        return self.dz.get_dzi("jpeg")
+
+    def info(self) -> dict:
+        m = self.entry.meta
+        w, h = self.slide.dimensions
+        mpp = m.get("mpp")
+        if mpp is None:
+            raw = self.slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
+            mpp = float(raw) if raw else None
+        return {
+            "slide_id": self.entry.slide_id,
+            "task": self.entry.task,
+            "width": w,
+            "height": h,
+            "mpp": mpp,
+            "tile_size": TILE,
+            "overlap": OVERLAP,
+            "max_level": self.dz.level_count - 1,
+            "threshold": m.get("threshold", 0.5),
+            "class": m.get("class"),
+            "bag_probability": m.get("bag_probability"),
+            "score_tile": self.ts,
+            "colormap": self.cmap.name,
+        }
+
+    def slide_tile(self, level: int, col: int, row: int) -> bytes:
+        with self._lock:
+            img = self.dz.get_tile(level, (col, row))
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, "JPEG", quality=85)
+        return buf.getvalue()
+
+    def _level0_axis(self, level: int, start: int, n: int, axis: int) -> np.ndarray:
+        """Level-0 pixel centres of ``n`` pixels of DeepZoom level ``level`` from ``start``."""
+        full = self.slide.dimensions[axis]
+        lvl = self.dz.level_dimensions[level][axis]
+        return (np.arange(start, start + n) + 0.5) * (full / lvl)
+
+    def heatmap_tile(self, level: int, col: int, row: int) -> bytes:
+        """RGBA PNG of the shown score, transparent where no tile was scored."""
+        tw, th = self.dz.get_tile_dimensions(level, (col, row))
+        x0 = col * TILE - (OVERLAP if col else 0)
+        y0 = row * TILE - (OVERLAP if row else 0)
+        gx = np.floor((self._level0_axis(level, x0, tw, 0) - self.ox) / self.ts).astype(int)
+        gy = np.floor((self._level0_axis(level, y0, th, 1) - self.oy) / self.ts).astype(int)
+        ny, nx = self.grid.shape
+        okx = (gx >= 0) & (gx < nx)
+        oky = (gy >= 0) & (gy < ny)
+        vals = np.full((th, tw), np.nan, dtype=np.float32)
+        sub = self.grid[np.ix_(gy[oky], gx[okx])]
+        vals[np.ix_(np.flatnonzero(oky), np.flatnonzero(okx))] = sub
+        rgba = (self.cmap(np.nan_to_num(vals, nan=0.0)) * 255).astype(np.uint8)
+        rgba[..., 3] = np.where(np.isnan(vals), 0, 255)
+        buf = io.BytesIO()
+        Image.fromarray(rgba, "RGBA").save(buf, "PNG")
+        return buf.getvalue()
+
+    def regions(self, threshold: float) -> dict:
+        """GeoJSON (level-0 full-frame px) of the union of scored tiles with score ≥ threshold."""
+        df = self.entry.scores
+        sel = df[df["score"] >= threshold]
+        boxes = [
+            box(x, y, x + w, y + h)
+            for x, y, w, h in sel[["x", "y", "width", "height"]].itertuples(index=False)
+        ]
+        merged = unary_union(boxes) if boxes else None
+        feats = []
+        if merged is not None and not merged.is_empty:
+            geoms = getattr(merged, "geoms", [merged])
+            feats = [{"type": "Feature", "properties": {}, "geometry": mapping(g)} for g in geoms]
+        return {"type": "FeatureCollection", "threshold": threshold, "features": feats}
+
+    def score_at(self, x: float, y: float) -> float | None:
+        gx = int((x - self.ox) // self.ts)
+        gy = int((y - self.oy) // self.ts)
+        ny, nx = self.grid.shape
+        if 0 <= gx < nx and 0 <= gy < ny and not np.isnan(self.grid[gy, gx]):
+            return float(self.grid[gy, gx])
+        return None
