@@ -1,7 +1,7 @@
 """``pathopeft train``: the stage entry point — config in, run folder out.
 
 ``runs/<name>/`` receives ``config.yaml`` (resolved, with the inferred ``model.in_dim``),
-``splits.csv`` (slide_id, label, split actually used), ``best.ckpt`` / ``last.ckpt``,
+``splits.csv`` (slide_id, case_id, label, split actually used), ``best.ckpt`` / ``last.ckpt``,
 ``metrics.csv``, ``plots/learning_curves.png``, ``test_metrics.json`` and ``predictions/``.
 
 DDP: Lightning relaunches the command for ranks > 0; those processes find the run folder prepared
