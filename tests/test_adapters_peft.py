@@ -87,3 +87,12 @@ def test_lora_matches_peft_init_distribution_and_conv() -> None:
     bound = 1.0 / (4 * 3 * 3) ** 0.5
     assert adapter.lora_A.abs().max() <= bound and adapter.lora_A.abs().max() > 0.5 * bound
     assert torch.count_nonzero(adapter.lora_B) == 0
+
+
+def test_print_trainable_parameters_matches_peft(capsys) -> None:
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, num_classes=4)
+    ours, theirs, _ = build_pair(vit, TARGETS, rank=4, alpha=4.0)
+    theirs.print_trainable_parameters()
+    peft_line = capsys.readouterr().out.strip()
+    assert pa.print_trainable_parameters(ours) == peft_line
