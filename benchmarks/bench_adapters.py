@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import statistics
 import subprocess
 import sys
@@ -73,9 +74,11 @@ def adapter_extra_bytes(model: nn.Module) -> int:
 def build_configs(base: nn.Module) -> dict[str, nn.Module]:
     import peft  # test/bench-only reference
 
-    def adapted(method: str, **options) -> nn.Module:
+    def adapted(method: str, fold_mode: str = "auto", **options) -> nn.Module:
         model = copy.deepcopy(base)
         pa.attach(model, method, targets=TARGETS, **options)
+        for _, layer in pa.adapted_layers(model):
+            layer.fold_mode = fold_mode
         return model
 
     full = copy.deepcopy(base)
@@ -88,7 +91,9 @@ def build_configs(base: nn.Module) -> dict[str, nn.Module]:
         "LoRA r=8": adapted("lora", rank=8),
         "LoRA r=1": adapted("lora", rank=1),
         "SALT ratio=0.1 k=12": adapted("salt", ratio=0.1, lora_rank=12),
+        "SALT residual form (fold off)": adapted("salt", "never", ratio=0.1, lora_rank=12),
         "SVFit energy=0.99": adapted("svfit", energy=0.99),
+        "SVFit residual form (fold off)": adapted("svfit", "never", energy=0.99),
         "WaRA r=4 haar": adapted("wara", rank=4),
         "OWLoRA r=8": adapted("owlora", rank=8, protect_base=False),
         "PEFT LoRA r=8": peft.get_peft_model(
@@ -101,6 +106,8 @@ def build_configs(base: nn.Module) -> dict[str, nn.Module]:
 MATCHED = {  # which of our LoRA runs has the closest trainable budget
     "SALT ratio=0.1 k=12": "LoRA r=8",
     "SVFit energy=0.99": "LoRA r=1",
+    "SALT residual form (fold off)": "LoRA r=8",
+    "SVFit residual form (fold off)": "LoRA r=1",
     "WaRA r=4 haar": "LoRA r=8",
     "OWLoRA r=8": "LoRA r=8",
     "LoRA r=8": "PEFT LoRA r=8",
@@ -168,6 +175,56 @@ def bench_steps(repeats: int, batch: int, size: int) -> None:
             f"| {name} | {trainable:,} | {med[name]:.3f} | {med_wall[name]:.3f} "
             f"| {med[name] / med['full fine-tune']:.2f}× "
             f"| {vs_matched} | {mem} | {extra} |"
+        )
+
+
+def decaying_spectrum(model: nn.Module, targets: str, decay: float = 30.0) -> None:
+    """Give every targeted weight a pretrained-like spectrum: s_i = s_0 · exp(−i·decay/R) (random bases)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and re.fullmatch(targets, name):
+                m, n = module.weight.shape
+                big_r = min(m, n)
+                u, _ = torch.linalg.qr(torch.randn(m, big_r, generator=g))
+                v, _ = torch.linalg.qr(torch.randn(n, big_r, generator=g))
+                s = torch.exp(-torch.arange(big_r) * decay / big_r)
+                module.weight.copy_((u * s) @ v.T)
+
+
+def bench_vit_b_decaying(repeats: int, batch: int, size: int) -> None:
+    torch.manual_seed(0)
+    base = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=size, num_classes=10)
+    decaying_spectrum(base, TARGETS)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 10, (batch,))
+    models = {}
+    for label, method, options in (
+        ("LoRA r=1", "lora", {"rank": 1}),
+        ("LoRA r=8", "lora", {"rank": 8}),
+        ("SVFit energy=0.99", "svfit", {"energy": 0.99}),
+        ("SALT ratio=0.1 k=12", "salt", {"ratio": 0.1, "lora_rank": 12}),
+    ):
+        models[label] = copy.deepcopy(base)
+        pa.attach(models[label], method, targets=TARGETS, **options)
+    ranks = [a.rank for _, _, a in pa.adapter_modules(models["SVFit energy=0.99"], "default")]
+    steps = {name: make_step(model, x, y) for name, model in models.items()}
+    for step in steps.values():
+        step()
+    _, cpu = measure(steps, repeats)
+    med = {name: statistics.median(values) for name, values in cpu.items()}
+    print(
+        f"\n## ViT-B/16, decaying spectrum (s_i = exp(-30 i / R)), batch {batch}, {size}px, CPU, "
+        f"median of {repeats} interleaved repeats; SVFit keeps r = {min(ranks)}–{max(ranks)} of 768 "
+        f"(fold threshold on qkv: r > {2304 * 768 // (2 * (2304 + 768))})"
+    )
+    print("| configuration | trainable | CPU s | vs LoRA r=1 | vs LoRA r=8 |")
+    print("|---|---:|---:|---:|---:|")
+    for name, model in models.items():
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(
+            f"| {name} | {trainable:,} | {med[name]:.3f} | {med[name] / med['LoRA r=1']:.2f}× "
+            f"| {med[name] / med['LoRA r=8']:.2f}× |"
         )
 
 
@@ -252,6 +309,7 @@ def main() -> None:
     bench_import_memory()
     torch.set_num_threads(args.threads)
     bench_steps(repeats, args.batch, args.size)
+    bench_vit_b_decaying(repeats, args.batch, args.size)
     bench_merged_inference(3 * repeats, args.batch, args.size)
     if not args.skip_svd:
         torch.set_num_threads(args.svd_threads)

@@ -102,10 +102,17 @@ def test_salt_forward_paths_equal_the_dense_update(m: int, n: int, tokens: int) 
         adapter.scale.uniform_(0.0, 2.0)
         adapter.shift.normal_(0, 0.5)
         adapter.Y.normal_(0, 0.5)
+        adapter.shift[0] = -adapter.scale[0] * adapter.S[0] - 1.0  # forces the relu to clip s_0'
+    s = adapter.S
+    pre_top = adapter.scale * s[: adapter.rank] + adapter.shift
+    assert pre_top[0] < 0  # clipping happens, whatever the seed
     top = adapter.top_delta()
-    assert (top + adapter.S[: adapter.rank] >= 0).all()  # relu keeps scaled singular values ≥ 0
+    assert top[0] == -s[0]  # relu(·) = 0: the singular value is removed
+    torch.testing.assert_close(top, torch.clamp(pre_top, min=0) - s[: adapter.rank])
+    pre_rest = torch.diag(s[adapter.rank :]) + adapter.X @ adapter.Y
+    assert (pre_rest < 0).any()  # off-diagonal negatives of X Y are clipped too
     rest = adapter.rest_delta()
-    assert (rest + torch.diag(adapter.S[adapter.rank :]) >= 0).all()
+    torch.testing.assert_close(rest, torch.clamp(pre_rest, min=0) - torch.diag(s[adapter.rank :]))
     x = torch.randn(tokens, n)  # 3 tokens: per-token path; 64: folded into the smaller SVD factor
     expected = torch.nn.functional.linear(x, adapter.delta_weight())
     torch.testing.assert_close(adapter.delta(x), expected, rtol=1e-4, atol=1e-5)

@@ -30,6 +30,7 @@ __all__ = [
     "AdapterError",
     "AdapterModule",
     "LayerGeometry",
+    "check_svd",
     "float32_svd",
     "float32_svd_many",
     "kaiming_uniform",
@@ -85,6 +86,36 @@ def float32_svd_many(matrices: list[torch.Tensor]) -> list[tuple[torch.Tensor, t
     for i, result in zip(order, results):
         out[i] = result
     return out
+
+
+def check_svd(weight: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> str | None:
+    """Is ``(u, s, vh)`` (top k triplets) an SVD of ``weight``? Checked on a few random probes.
+
+    A true thin SVD has ``W V = U diag(s)`` and ``Uᵀ W = diag(s) Vᵀ`` up to float32 rounding
+    (≈ 1e-6·s_max); any consistent sign choice passes, a replaced or foreign factor does not.
+    """
+    w = weight.detach().float()
+    u, s, vh = (
+        u.detach().float().to(w.device),
+        s.detach().float().to(w.device),
+        vh.detach().float().to(w.device),
+    )
+    if not (torch.isfinite(u).all() and torch.isfinite(s).all() and torch.isfinite(vh).all()):
+        return "the saved SVD factors are not finite"
+    if bool((s[:-1] < s[1:]).any()) or bool((s < 0).any()):
+        return "the saved singular values S are not non-negative and sorted descending"
+    scale = float(s.max()) if s.numel() else 0.0
+    if scale == 0.0:
+        return None
+    probes = torch.randn(s.numel(), 4, generator=torch.Generator().manual_seed(0)).to(w.device)
+    right = torch.linalg.matrix_norm(w @ (vh.T @ probes) - u @ (s[:, None] * probes))
+    left = torch.linalg.matrix_norm(probes.T @ (u.T @ w) - (probes.T * s) @ vh)
+    error = float(max(right, left)) / (scale * float(torch.linalg.matrix_norm(probes)))
+    if error > 1e-3:
+        return (
+            f"the saved SVD factors U, S, Vh are not an SVD of this layer's base weight (error {error:.2e})"
+        )
+    return None
 
 
 def kaiming_uniform(rows: int, cols: int) -> torch.Tensor:
@@ -174,6 +205,16 @@ class LayerGeometry:
             return h * vector
         return h * vector[:, None, None]
 
+    def with_weight(self, layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's computation with another weight of its shape (the folded forward)."""
+        if self.kind == "linear":
+            return F.linear(x, weight, layer.bias)
+        return layer._conv_forward(x, weight, layer.bias)
+
+    def tokens(self, x: torch.Tensor) -> int:
+        """How many vectors the layer maps in this call (rows of the GEMM; input positions for a Conv2d)."""
+        return x.numel() // max(1, x.shape[self.feature_dim])
+
     def full(self, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
         """Apply a full ``m×n`` matrix as the layer would (used where a method builds ΔW anyway)."""
         if self.kind == "linear":
@@ -201,6 +242,30 @@ class AdapterModule(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """``ΔW`` as an ``m×n`` float32 matrix (for ``merge``/``unmerge``)."""
         raise NotImplementedError
+
+    def forward_costs(self, tokens: int, backward: bool) -> tuple[float, float] | None:
+        """Multiply-adds of this adapter's share of one call: ``(residual form, folded form)``.
+
+        ``None`` (the default) means the method has no folded form. Methods whose residual form
+        rotates every token through large frozen factors (SALT, SVFit) return both, and the layer
+        folds ``ΔW`` into ``W`` for the call when that is cheaper (METHODS.md § SALT).
+        ``backward``: the call will be back-propagated (adds the gradient GEMMs).
+        """
+        return None
+
+    def fold_weight(self) -> torch.Tensor:
+        """``ΔW`` as an ``m×n`` matrix in the adapter's dtype, differentiable (the folded forward).
+
+        Must be exactly zero at initialisation, so that ``W + ΔW`` is ``W`` bit for bit.
+        """
+        raise NotImplementedError
+
+    def check_factors(self, weight: torch.Tensor) -> str | None:
+        """After loading: why the saved frozen factors do not belong to ``weight`` (``m×n``), or None.
+
+        Only methods that keep factors derived from the base weight (SVD) check anything.
+        """
+        return None
 
     def meta(self) -> dict[str, Any]:
         """Per-layer facts (JSON) needed to rebuild this module's shapes without the base weight."""
@@ -243,11 +308,19 @@ def layer_hash(layer: nn.Module) -> str:
     return digest.hexdigest()
 
 
+FOLD_MODES = ("auto", "never", "always")
+
+
 class AdaptedLayer(nn.Module):
     """A frozen base layer plus named adapters: ``y = base(x) + Σ_active ΔW_a x``.
 
     Merged adapters are skipped in forward (their ΔW is inside ``base_layer.weight``); when no
     active adapter is left unmerged, forward is just the base layer's functional call.
+
+    ``fold_mode``: ``"auto"`` (default) folds the ΔW of adapters whose cost model says so into the
+    weight for the call (``(W + ΔW) x``, one GEMM, autograd through the build); ``"never"`` keeps
+    every adapter in residual form; ``"always"`` folds every adapter that has a folded form. Both
+    forms give ``W x`` exactly at initialisation (ΔW is exactly zero there).
     """
 
     def __init__(self, base_layer: nn.Module, name: str) -> None:
@@ -258,7 +331,14 @@ class AdaptedLayer(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.base_hash = layer_hash(base_layer)
-        self.touched_by_merge = False
+        # hash of the base weights as merge/unmerge last left them: save() compares against it, so an
+        # edit behind the adapters' back is caught also after merge/unmerge cycles
+        self.weights_hash = self.base_hash
+        self.base_edited = False  # sticky: an edit seen at a merge/unmerge is not forgotten by re-recording
+        self.touched_by_merge = False  # kept for callers of the old attribute; no longer consulted
+        self.disabled = False
+        self.fold_mode = "auto"
+        self._foldable = type(base_layer) in (nn.Linear, nn.Conv2d)
         self._live: tuple[str, ...] = ()
 
     def __getattr__(self, name: str) -> Any:
@@ -272,7 +352,7 @@ class AdaptedLayer(nn.Module):
             return getattr(self.base_layer, name)
 
     def _refresh(self) -> None:
-        self._live = tuple(n for n in self.active if n not in self.merged)
+        self._live = () if self.disabled else tuple(n for n in self.active if n not in self.merged)
 
     def add(self, name: str, module: AdapterModule, *, active: bool = True) -> None:
         self.adapters[name] = module
@@ -297,13 +377,43 @@ class AdaptedLayer(nn.Module):
         self.active = wanted
         self._refresh()
 
+    def _folded(self, x: torch.Tensor) -> tuple[str, ...]:
+        """Live adapters whose ΔW goes into the weight for this call (cost model or ``fold_mode``)."""
+        if not self._foldable or self.fold_mode == "never":
+            return ()
+        tokens = self.geometry.tokens(x)
+        grad = torch.is_grad_enabled()
+        chosen = []
+        for name in self._live:
+            adapter: AdapterModule = self.adapters[name]  # type: ignore[assignment]
+            backward = grad and (
+                x.requires_grad or any(p.requires_grad for p in adapter._parameters.values())
+            )
+            costs = adapter.forward_costs(tokens, backward)
+            if costs is not None and (self.fold_mode == "always" or costs[1] < costs[0]):
+                chosen.append(name)
+        return tuple(chosen)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # _modules lookup: skips the __getattr__ fallback chain (this runs once per layer per call)
-        out = self.geometry.base(self._modules["base_layer"], x)
+        layer = self._modules["base_layer"]
         if not self._live:
-            return out
+            return self.geometry.base(layer, x)
         autocast = torch.is_autocast_enabled(x.device.type)
+        folded = self._folded(x)
+        if folded:
+            weight = layer.weight
+            for name in folded:
+                delta = self.geometry.as_weight(self.adapters[name].fold_weight())  # type: ignore[operator]
+                weight = weight + (
+                    delta if autocast or delta.dtype == weight.dtype else delta.to(weight.dtype)
+                )
+            out = self.geometry.with_weight(layer, x, weight)
+        else:
+            out = self.geometry.base(layer, x)
         for name in self._live:
+            if name in folded:
+                continue
             adapter: AdapterModule = self.adapters[name]  # type: ignore[assignment]
             dtype = adapter.dtype
             delta = adapter.delta(x if autocast or x.dtype == dtype else x.to(dtype))
@@ -316,21 +426,36 @@ class AdaptedLayer(nn.Module):
         for name in names:
             if name not in self.adapters or name in self.merged:
                 continue
+            if not done:
+                self._note_edits()
             self._add_delta(self.adapters[name], sign=1.0)  # type: ignore[arg-type]
             self.merged.append(name)
             done.append(name)
-        self.touched_by_merge = self.touched_by_merge or bool(done)
+        if done:
+            self.touched_by_merge = True
+            self.weights_hash = layer_hash(self.base_layer)
         self._refresh()
         return done
 
     def unmerge(self, names: list[str] | None = None) -> list[str]:
         """Subtract merged adapters' ΔW again (in reverse merge order); return the names unmerged."""
         targets = [n for n in reversed(self.merged) if names is None or n in names]
+        if targets:
+            self._note_edits()
         for name in targets:
             self._add_delta(self.adapters[name], sign=-1.0)  # type: ignore[arg-type]
             self.merged.remove(name)
+        if targets:  # float32 round trips leave the weights a rounding away from before: re-record
+            self.weights_hash = layer_hash(self.base_layer)
         self._refresh()
         return targets
+
+    def _note_edits(self) -> None:
+        self.base_edited = self.base_edited or layer_hash(self.base_layer) != self.weights_hash
+
+    def base_changed(self) -> bool:
+        """True when the base weights were changed other than by this layer's own merge/unmerge."""
+        return self.base_edited or layer_hash(self.base_layer) != self.weights_hash
 
     @torch.no_grad()
     def _add_delta(self, adapter: AdapterModule, sign: float) -> None:

@@ -14,16 +14,24 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pathopeft.adapters.base import AdaptedLayer, AdapterError, LayerGeometry, layer_hash
-from pathopeft.adapters.model import _freeze_base, _set_submodule, adapter_modules, adapter_names
-from pathopeft.adapters.registry import make_config
+from pathopeft.adapters.model import (
+    _freeze_base,
+    _set_submodule,
+    adapted_layers,
+    adapter_modules,
+    adapter_names,
+)
+from pathopeft.adapters.registry import NAME_PATTERN, make_config
 from pathopeft.files import atomic_path, atomic_write_json
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "base_hash", "load", "read_adapter_config", "save"]
@@ -39,6 +47,20 @@ VERSION = 1
 def base_hash(layer_hashes: dict[str, str]) -> str:
     """One hash for all adapted layers: sha256 of ``"name:hash\\n"`` lines in sorted name order."""
     text = "".join(f"{name}:{layer_hashes[name]}\n" for name in sorted(layer_hashes))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+HASH_KEY = "pathopeft_hash"
+
+
+def content_hash(document: dict[str, Any], tensor_names: list[str]) -> str:
+    """sha256 over the config document (without its free-text ``name``) and the sorted tensor names.
+
+    Stored in the safetensors metadata: an edit of the options (alpha, dropout, wavelet ...), of a
+    layer entry or a stray tensor makes the two files disagree and the load is refused.
+    """
+    body = {k: v for k, v in document.items() if k != "name"}
+    text = json.dumps({"document": body, "tensors": sorted(tensor_names)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -69,7 +91,7 @@ def save(
     config = None
     num_parameters = 0
     for layer_name, layer, adapter in adapter_modules(model, name):
-        if not layer.touched_by_merge and layer_hash(layer.base_layer) != layer.base_hash:
+        if layer.base_changed():
             raise AdapterError(
                 f"{layer_name}: the base weights changed since the adapter was attached; "
                 "an adapter alone cannot reproduce this model (save the full model instead)"
@@ -102,7 +124,9 @@ def save(
         "extra_parameters": sorted(extras),
     }
     with atomic_path(out / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "method": config.method, "name": name})
+        metadata = {"format": "pt", "method": config.method, "name": name}
+        metadata[HASH_KEY] = content_hash(document, list(tensors))
+        save_file(tensors, str(tmp), metadata=metadata)
     atomic_write_json(out / CONFIG_NAME, document)
     return out
 
@@ -142,11 +166,67 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
             raise AdapterError(f"{file}: missing key {key!r}")
     if not isinstance(document["options"], dict) or not isinstance(document["layers"], dict):
         raise AdapterError(f"{file}: 'options' and 'layers' must be JSON objects")
+    if not document["layers"]:
+        raise AdapterError(f"{file}: 'layers' is empty: the file adapts no layer")
+    if not isinstance(document["name"], str) or not NAME_PATTERN.fullmatch(document["name"]):
+        raise AdapterError(
+            f"{file}: field 'name' {document['name']!r} may only use letters, digits, '_' and '-'"
+        )
+    if not isinstance(document["method"], str):
+        raise AdapterError(f"{file}: field 'method' must be a string")
+    extras = document.get("extra_parameters", [])
+    if not isinstance(extras, list) or not all(isinstance(k, str) for k in extras):
+        raise AdapterError(f"{file}: field 'extra_parameters' must be a list of parameter names")
     for layer_name, info in document["layers"].items():
         missing = [k for k in LAYER_KEYS if not isinstance(info, dict) or k not in info]
         if missing:
             raise AdapterError(f"{file}: layer {layer_name!r} lacks {', '.join(missing)}")
+        where = f"{file}: layer {layer_name!r}:"
+        if ".base_layer" in f".{layer_name}." or ".adapters." in f".{layer_name}.":
+            raise AdapterError(f"{where} names a module inside an adapter wrapper")
+        if info["kind"] not in LayerGeometry.SUPPORTED:
+            raise AdapterError(f"{where} field 'kind' must be one of {LayerGeometry.SUPPORTED}")
+        shape = info["weight_shape"]
+        if not isinstance(shape, list) or not shape or not all(_positive_int(d) for d in shape):
+            raise AdapterError(
+                f"{where} field 'weight_shape' must be a list of positive integers, got {shape!r}"
+            )
+        if not isinstance(info["hash"], str):
+            raise AdapterError(f"{where} field 'hash' must be a string")
+        if not isinstance(info.get("meta", {}), dict):
+            raise AdapterError(f"{where} field 'meta' must be a JSON object")
+    saved = document.get("base_hash")
+    if saved is not None and saved != base_hash({k: v["hash"] for k, v in document["layers"].items()}):
+        raise AdapterError(f"{file}: field 'base_hash' does not match the layers' hashes (edited file?)")
     return document
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_tensors(
+    weights_file: Path, tensors: dict[str, torch.Tensor], expected: dict[str, Any]
+) -> list[str]:
+    """Unknown keys, non-float or non-finite tensors; dtypes that differ are cast with a warning."""
+    problems = [f"unknown tensor {key!r}" for key in sorted(set(tensors) - set(expected))]
+    for key, tensor in tensors.items():
+        if key not in expected:
+            continue
+        if not tensor.is_floating_point():
+            problems.append(
+                f"tensor {key!r} has dtype {tensor.dtype}; adapter tensors must be floating point"
+            )
+        elif not bool(torch.isfinite(tensor).all()):
+            problems.append(f"tensor {key!r} holds NaN or infinite values")
+        elif tensor.dtype != expected[key].dtype:
+            warnings.warn(
+                f"{weights_file}: tensor {key!r} is {tensor.dtype}, the adapter uses {expected[key].dtype}; "
+                "cast on load",
+                stacklevel=3,
+            )
+            tensors[key] = tensor.to(expected[key].dtype)
+    return problems
 
 
 def load(
@@ -173,12 +253,22 @@ def load(
     except AdapterError as exc:
         raise AdapterError(f"{folder / CONFIG_NAME}: {exc}") from None
     name = name or document["name"]
+    if not NAME_PATTERN.fullmatch(name):
+        raise AdapterError(f"adapter name {name!r} may only use letters, digits, '_' and '-'")
     if name in adapter_names(model):
         raise AdapterError(f"an adapter named {name!r} is already attached; pass name= to rename")
     try:
         tensors = load_file(str(weights_file))
+        with safe_open(str(weights_file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
         raise AdapterError(f"{weights_file}: not a readable safetensors file ({exc})") from None
+    stored = metadata.get(HASH_KEY)
+    if stored is not None and stored != content_hash(document, list(tensors)):
+        raise AdapterError(
+            f"{folder}: {CONFIG_NAME} and {WEIGHTS_NAME} do not belong together (the options, layer entries "
+            "or tensor names changed since saving)"
+        )
     modules = dict(model.named_modules())
     built = []
     problems: list[str] = []
@@ -186,6 +276,9 @@ def load(
         module = modules.get(layer_name)
         if module is None:
             problems.append(f"{layer_name}: no such module in {type(model).__name__}")
+            continue
+        if any(layer_name.startswith(f"{wrapped}.") for wrapped, _ in adapted_layers(model)):
+            problems.append(f"{layer_name}: lies inside an adapter wrapper; name the wrapped layer instead")
             continue
         layer = module if isinstance(module, AdaptedLayer) else None
         base = layer.base_layer if layer else module
@@ -220,15 +313,34 @@ def load(
     if problems:
         shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
         raise AdapterError(f"{folder}: cannot load adapter {document['name']!r} onto this model:\n  {shown}")
-    ready = []  # every layer's module is built and filled before the model is touched
+    ready = []  # every layer's module is built, filled and checked before the model is touched
+    modules_built = []
     for layer_name, module, geometry, info in built:
-        adapter = config.build(geometry, layer_name, meta=info.get("meta") or {})
+        try:
+            adapter = config.build(geometry, layer_name, meta=info.get("meta") or {})
+        except AdapterError as exc:
+            raise AdapterError(f"{folder / CONFIG_NAME}: {exc}") from None
+        modules_built.append((layer_name, module, geometry, adapter))
+    expected = {
+        f"{layer_name}.{key}": value
+        for layer_name, _, _, adapter in modules_built
+        for key, value in adapter.state_dict().items()
+    }
+    expected.update({EXTRA_PREFIX + key: base_params[key] for key in document.get("extra_parameters", [])})
+    problems = _check_tensors(weights_file, tensors, expected)
+    if problems:
+        shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
+        raise AdapterError(f"{weights_file}: cannot load adapter {document['name']!r}:\n  {shown}")
+    for layer_name, module, geometry, adapter in modules_built:
         prefix = f"{layer_name}."
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
             adapter.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise AdapterError(f"{weights_file}: tensors for {layer_name} do not fit: {exc}") from None
+        base = module.base_layer if isinstance(module, AdaptedLayer) else module
+        if verify_hash and (reason := adapter.check_factors(geometry.as_matrix(base.weight))) is not None:
+            raise AdapterError(f"{weights_file}: {layer_name}: {reason}")
         ready.append((layer_name, module, adapter))
     for layer_name, module, adapter in ready:
         layer = module if isinstance(module, AdaptedLayer) else AdaptedLayer(module, layer_name)

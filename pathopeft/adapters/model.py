@@ -7,8 +7,10 @@ Injection replaces each matched module by an :class:`AdaptedLayer` that keeps th
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterator, Sequence
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, TextIO
 
 import torch
 from torch import nn
@@ -23,7 +25,10 @@ __all__ = [
     "adapter_names",
     "attach",
     "detach",
+    "disable_adapters",
     "merge",
+    "merge_and_unload",
+    "print_trainable_parameters",
     "regularization",
     "set_active",
     "set_trainable",
@@ -84,14 +89,50 @@ def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             inside.append(name + ".")
 
 
+ALL_LINEAR = "all-linear"
+
+
+def _output_layer(model: nn.Module) -> str | None:
+    """Name of the model's output layer, left out by ``"all-linear"`` (as in HF PEFT): timm's
+    ``get_classifier()``, transformers' ``get_output_embeddings()``, else the last nn.Linear."""
+    for getter in ("get_classifier", "get_output_embeddings"):
+        head = getattr(model, getter, None)
+        head = head() if callable(head) else None
+        if isinstance(head, nn.Module):
+            return next((n for n, m in model.named_modules() if m is head), None)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
 def _matches(model: nn.Module, targets: Patterns, exclude: Patterns) -> list[tuple[str, nn.Module]]:
+    """``targets``: a full-match regex, a list whose entries match as full-match regex or as a dotted
+    name suffix (HF PEFT's list form: ``["qkv"]`` selects ``blocks.0.attn.qkv``), or ``"all-linear"``."""
+    if targets == ALL_LINEAR:
+        head = _output_layer(model)
+        chosen = [
+            (name, module)
+            for name, module in _candidates(model)
+            if isinstance(module, (nn.Linear, AdaptedLayer))
+            and (not isinstance(module, AdaptedLayer) or module.geometry.kind == "linear")
+            and name != head
+            and not isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention)
+        ]
+        skip = _compile(exclude)
+        return [(n, m) for n, m in chosen if not any(p.fullmatch(n) for p in skip)]
     include, skip = _compile(targets), _compile(exclude)
     if not include:
         raise AdapterError("attach needs a target pattern (a full-match regex over module names)")
+    suffixes = [] if isinstance(targets, str) or targets is None else [t for t in targets if t]
+
+    def wanted(name: str) -> bool:
+        if any(p.fullmatch(name) for p in include):
+            return True
+        return any(name == t or name.endswith("." + t) for t in suffixes)
+
     return [
         (name, module)
         for name, module in _candidates(model)
-        if any(p.fullmatch(name) for p in include) and not any(p.fullmatch(name) for p in skip)
+        if wanted(name) and not any(p.fullmatch(name) for p in skip)
     ]
 
 
@@ -308,3 +349,51 @@ def regularization(model: nn.Module, names: str | Sequence[str] | None = None) -
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         return torch.zeros((), device=device)
     return torch.stack(terms).sum()
+
+
+def merge_and_unload(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Module:
+    """HF PEFT's ``merge_and_unload``: merge ``names`` (default: the active adapters), drop the rest and
+    every wrapper; returns ``model`` as a plain model whose state-dict keys are the base model's.
+
+    Unlike :func:`detach`, nothing is un-merged first: the merged ΔW stays in the weights.
+    """
+    merge(model, names)
+    for layer_name, layer in list(adapted_layers(model)):
+        _set_submodule(model, layer_name, layer.base_layer)
+    return model
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: inside it the model computes the base model alone (HF PEFT's ``disable_adapter``).
+
+    Merged adapters are un-merged on entry and merged again on exit (the weights come back a float32
+    rounding away from before); which adapters are active is restored on exit.
+    """
+    layers = [layer for _, layer in adapted_layers(model)]
+    merged = [list(layer.merged) for layer in layers]
+    try:
+        for layer in layers:
+            layer.unmerge()
+            layer.disabled = True
+            layer._refresh()
+        yield model
+    finally:
+        for layer, names in zip(layers, merged):
+            layer.disabled = False
+            layer.merge(names)
+            layer._refresh()
+
+
+def print_trainable_parameters(model: nn.Module, file: TextIO | None = None) -> str:
+    """Write HF PEFT's one-line summary (``trainable params: … || all params: … || trainable%: …``).
+
+    Returns the line too; the numbers are :func:`trainable_parameters`' ``trainable`` and ``total``.
+    """
+    info = trainable_parameters(model)
+    line = (
+        f"trainable params: {info['trainable']:,d} || all params: {info['total']:,d} "
+        f"|| trainable%: {100 * info['share']:.4f}"
+    )
+    (file or sys.stdout).write(line + "\n")
+    return line

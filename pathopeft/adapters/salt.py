@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from pathopeft.adapters.base import AdapterError, AdapterModule, LayerGeometry, float32_svd, kaiming_uniform
+from pathopeft.adapters.base import (
+    AdapterError,
+    AdapterModule,
+    LayerGeometry,
+    check_svd,
+    float32_svd,
+    kaiming_uniform,
+)
 from pathopeft.adapters.model import adapter_modules
 from pathopeft.adapters.registry import AdapterConfig, register_method
 
@@ -66,25 +73,60 @@ class SaltModule(AdapterModule):
         diag = torch.diag(self.S[self.rank :])
         return F.relu(diag + self.X @ self.Y) - diag
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U', Vh')`` with ``ΔW = U' Vh'``: the R×R mixing ``D = blockdiag(δ, M)`` folded into the
+        smaller SVD factor (``D Vh`` is R×n, ``U D`` is m×R), computed once per call."""
+        r = self.rank
+        top = self.top_delta()
+        if not self.rest:
+            return self.U[:, :r], top[:, None] * self.Vh[:r]
+        rest = self.rest_delta()
+        if self.geometry.in_features <= self.geometry.out_features:
+            return self.U, torch.cat([top[:, None] * self.Vh[:r], rest @ self.Vh[r:]], dim=0)
+        return torch.cat([self.U[:, :r] * top, self.U[:, r:] @ rest], dim=1), self.Vh
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         g = self.geometry
         r = self.rank
-        top = self.top_delta()
-        tokens = x.numel() // max(1, x.shape[g.feature_dim])
         if not self.rest:
-            return g.up(g.scale(g.down(x, self.Vh[:r]), top), self.U[:, :r])
-        rest = self.rest_delta()
+            return g.up(g.scale(g.down(x, self.Vh[:r]), self.top_delta()), self.U[:, :r])
         m, n = g.out_features, g.in_features
-        if tokens < min(m, n):  # per token: R×R mixing in the singular basis
+        if g.tokens(x) < min(m, n):  # per token: R×R mixing in the singular basis
+            top, rest = self.top_delta(), self.rest_delta()
             h = g.down(x, self.Vh)
             h_top, h_rest = h.narrow(g.feature_dim, 0, r), h.narrow(g.feature_dim, r, self.rest)
             mixed = torch.cat([g.scale(h_top, top), g.up(h_rest, rest)], dim=g.feature_dim)
             return g.up(mixed, self.U)
-        if n <= m:  # fold D into V_ᵀ: (R×n)
-            vh = torch.cat([top[:, None] * self.Vh[:r], rest @ self.Vh[r:]], dim=0)
-            return g.up(g.down(x, vh), self.U)
-        u = torch.cat([self.U[:, :r] * top, self.U[:, r:] @ rest], dim=1)  # fold D into U: (m×R)
-        return g.up(g.down(x, self.Vh), u)
+        u, vh = self.factors()
+        return g.up(g.down(x, vh), u)
+
+    def fold_weight(self) -> torch.Tensor:
+        u, vh = self.factors()
+        return u @ vh
+
+    def forward_costs(self, tokens: int, backward: bool) -> tuple[float, float]:
+        """Multiply-adds (residual, folded) of one call, forward and, with ``backward``, backward.
+
+        Residual: the tokens are rotated into the singular basis and back (``T·R·(m+n)`` per pass;
+        backward also forms the gradient of the folded factor, ``T·R·min(m, n)``) plus the mixing.
+        Folded: building ``ΔW = U' Vh'`` (``m·n·R``) and its gradient ``(∂W')ᵀ`` through it
+        (``m·n·R``), plus the weight gradient ``T·m·n`` the frozen layer would not need; the
+        ``W' x`` GEMM itself replaces the base layer's and costs nothing extra.
+        """
+        g = self.geometry
+        m, n, big_r, t = g.out_features, g.in_features, g.rank_limit, tokens
+        small = min(m, n)
+        rank = big_r if self.rest else self.rank
+        mixing = self.rest**2 * (min(t, small) if self.rest else 0)
+        residual = t * rank * (m + n) + mixing
+        folded = m * n * rank + mixing
+        if backward:
+            residual += t * rank * (m + n) + (t * rank * small if t >= small else t * self.rest**2) + mixing
+            folded += t * m * n + m * n * rank + mixing
+        return float(residual), float(folded)
+
+    def check_factors(self, weight: torch.Tensor) -> str | None:
+        return check_svd(weight, self.U, self.S, self.Vh)
 
     def delta_weight(self) -> torch.Tensor:
         r = self.rank

@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from pathopeft.adapters.base import AdapterError, AdapterModule, LayerGeometry, float32_svd
+from pathopeft.adapters.base import AdapterError, AdapterModule, LayerGeometry, check_svd, float32_svd
 from pathopeft.adapters.registry import AdapterConfig, register_method
 
 __all__ = ["SvfitConfig", "SvfitModule", "energy_rank"]
@@ -50,7 +50,9 @@ class SvfitModule(AdapterModule):
             r = energy_rank(s, config.energy, config.max_rank)
             u, s, vh = u[:, :r].contiguous(), s[:r].contiguous(), vh[:r].contiguous()
         else:
-            r = int((meta or {}).get("rank", 0))
+            r = (meta or {}).get("rank")
+            if not isinstance(r, int) or isinstance(r, bool):
+                raise AdapterError(f"saved SVFit meta field 'rank' must be an integer, got {r!r}")
             if not 0 < r <= geometry.rank_limit:
                 raise AdapterError(
                     f"saved SVFit rank {r} does not fit the layer (min(out, in) = {geometry.rank_limit})"
@@ -68,6 +70,22 @@ class SvfitModule(AdapterModule):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.U.float() * (self.sigma.float() - self.S.float())) @ self.Vh.float()
+
+    def fold_weight(self) -> torch.Tensor:
+        return (self.U * (self.sigma - self.S)) @ self.Vh
+
+    def forward_costs(self, tokens: int, backward: bool) -> tuple[float, float]:
+        """Multiply-adds (residual, folded): ``T·r·(m+n)`` per pass against building ``ΔW`` (``m·n·r``)
+        plus, when training, the weight gradient ``T·m·n`` and ``∂σ`` through the build (``m·n·r``).
+        Folding pays only for ``r > mn / (2(m+n))`` (METHODS.md § SALT)."""
+        m, n, r, t = self.geometry.out_features, self.geometry.in_features, self.rank, tokens
+        residual, folded = t * r * (m + n), m * n * r
+        if backward:
+            residual, folded = 2 * residual, folded + t * m * n + m * n * r
+        return float(residual), float(folded)
+
+    def check_factors(self, weight: torch.Tensor) -> str | None:
+        return check_svd(weight, self.U, self.S, self.Vh)
 
     def meta(self) -> dict[str, Any]:
         return {"rank": self.rank}

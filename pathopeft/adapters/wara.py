@@ -11,10 +11,11 @@ layer then applies a LoRA-like pair, for nn.Linear and nn.Conv2d (kernel as out 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from pathopeft.adapters.base import AdapterError, AdapterModule, LayerGeometry, kaiming_uniform
@@ -195,7 +196,8 @@ class WaraConfig(AdapterConfig):
     factors ``B_k`` (zeros) and ``A_k`` (Kaiming-uniform, a=√5, like LoRA's A); scaling α/r as LoRA.
     ``shared_factors``: one pair per level shared by that level's subbands (at one level: one pair
     for LL, LH, HL, HH). Note: for Haar at one level this gives ``ΔW = (α/r)·(BA) ⊗ [[2,0],[0,0]]``
-    (rank ≤ r); ``(BA) ⊗ I₂`` is what the same pair placed on LL and HH only would give.
+    (rank ≤ r; it changes only a quarter of W's entries, so that combination warns);
+    ``(BA) ⊗ I₂`` is what the same pair placed on LL and HH only would give.
     Trainable per layer: ``Σ_k r·(m_k + n_k)`` over subbands (or over levels when shared);
     one level, unshared: ``2r(m_p + n_p)``.
     """
@@ -210,6 +212,17 @@ class WaraConfig(AdapterConfig):
     levels: int = Field(1, ge=1, le=6)  # decomposition depth (LL is decomposed again)
     shared_factors: bool = False  # one (B, A) pair per level instead of one per subband
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # dropout on the adapter's input
+
+    @model_validator(mode="after")
+    def _warn_quarter_update(self) -> WaraConfig:
+        if self.shared_factors and self.wavelet == "haar" and self.levels == 1:
+            warnings.warn(
+                "WaRA shared_factors with Haar at one level gives ΔW = (α/r)·(BA) ⊗ [[2,0],[0,0]]: it can "
+                "change only a quarter of W's entries (use levels ≥ 2, another wavelet or unshared factors)",
+                UserWarning,
+                stacklevel=2,
+            )
+        return self
 
     @field_validator("wavelet")
     @classmethod

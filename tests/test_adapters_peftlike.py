@@ -1,0 +1,83 @@
+"""The HF PEFT conveniences (issue 14 § 3): merge_and_unload, disable_adapters, the one-line count,
+suffix and "all-linear" targets."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from test_adapters_core import TARGETS, make_mlp, train_steps
+
+import pathopeft.adapters as pa
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.randn(6, 16, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("method", ["lora", "salt"])
+def test_merge_and_unload_gives_a_plain_model_with_the_update(method, x) -> None:
+    model = make_mlp()
+    plain_keys = set(make_mlp().state_dict())
+    options = {"rank": 2} if method == "lora" else {"rank": 2, "lora_rank": 2}
+    pa.attach(model, method, targets=TARGETS, **options)
+    pa.attach(model, "lora", targets=r"net\.0", name="unused", rank=2)
+    with torch.no_grad():
+        model.net[0].adapters["unused"].lora_B.normal_()
+    pa.set_active(model, ["default"])
+    train_steps(model, x, steps=2)
+    expected = model(x).detach()
+    out = pa.merge_and_unload(model)
+    assert out is model and not list(pa.adapted_layers(model))
+    assert set(model.state_dict()) == plain_keys
+    assert isinstance(model.net[0], torch.nn.Linear)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)  # merged, not un-merged
+    assert not torch.allclose(model(x), make_mlp()(x))
+
+
+def test_disable_adapters_context_also_when_merged(x) -> None:
+    model = make_mlp()
+    base = model(x).detach()
+    pa.attach(model, "lora", targets=TARGETS, rank=2)
+    train_steps(model, x, steps=2)
+    adapted = model(x).detach()
+    with pa.disable_adapters(model):
+        assert torch.equal(model(x), base)
+    torch.testing.assert_close(model(x), adapted)
+    pa.merge(model)
+    with pa.disable_adapters(model):  # set_active([]) refuses while merged; this does not
+        torch.testing.assert_close(model(x), base, rtol=0, atol=1e-6)
+    assert model.net[0].merged == ["default"]
+    torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="boom"), pa.disable_adapters(model):
+        raise RuntimeError("boom")
+    assert pa.active_adapters(model) == ["default"] and model.net[0].merged == ["default"]
+
+
+def test_print_trainable_parameters_line(x) -> None:
+    model = make_mlp()
+    pa.attach(model, "lora", targets=TARGETS, rank=2)
+    stream = io.StringIO()
+    line = pa.print_trainable_parameters(model, file=stream)
+    info = pa.trainable_parameters(model)
+    assert stream.getvalue() == line + "\n"
+    assert line == (
+        f"trainable params: {info['trainable']:,} || all params: {info['total']:,} "
+        f"|| trainable%: {100 * info['trainable'] / info['total']:.4f}"
+    )
+
+
+def test_suffix_targets_and_all_linear() -> None:
+    model = make_mlp()
+    assert pa.attach(model, "lora", targets=["2"], rank=2) == ["net.2"]  # suffix, PEFT's list form
+    other = make_mlp()
+    assert pa.attach(other, "lora", targets=[r"net\.0", "2"], rank=2) == ["net.0", "net.2"]
+    everything = make_mlp()
+    # every nn.Linear but the output layer (here the last one, "head")
+    assert pa.attach(everything, "lora", targets="all-linear", rank=2) == ["net.0", "net.2"]
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, depth=1, num_classes=3)
+    names = pa.attach(vit, "lora", targets="all-linear", rank=2)
+    assert names == ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
