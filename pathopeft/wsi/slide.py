@@ -88,7 +88,8 @@ class Slide(ABC):
         native = self.native_mpp
         if native is None:
             raise MissingMppError(
-                f"{self.path}: no µm/px (mpp) in the slide metadata; pass --mpp or an 'mpp' column in the CSV"
+                f"{self.path}: no usable µm/px (mpp) in the metadata (absent, or outside 0.05-20 µm/px); "
+                "pass --mpp or an 'mpp' column in the CSV"
             )
         return native
 
