@@ -370,3 +370,16 @@ def test_default_output_folder_is_tiles_in_cwd(tmp_path, synth) -> None:
         assert result.exit_code == 0, result.output
         assert Path("tiles/manifest.csv").is_file() and Path("tiles/coords/s0.h5").is_file()
         assert [p.name for p in Path("tiles/thumbnails").iterdir()] == ["s0.png"]
+
+
+def test_open_failure_on_rerun_keeps_finished_outputs(tmp_path, synth) -> None:
+    """Issue 13 item 1: a slide that cannot be opened this time keeps its complete outputs."""
+    slides = _slides(tmp_path, synth, ("s0",))
+    out = tmp_path / "out"
+    _run(slides, "--out", out, *FAST, "--no-features")
+    coords = out / "coords" / "s0.h5"
+    assert coords.is_file()
+    (slides / "s0.tiff").write_bytes(b"not a slide any more")  # e.g. a half-synced network copy
+    _run(slides, "--out", out, *FAST, "--no-features", expect=None)
+    assert coords.is_file() and len(read_coords(coords).coords) > 0
+    assert _manifest(out)["s0"]["status"] == "error"

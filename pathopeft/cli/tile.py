@@ -87,7 +87,7 @@ def _setup_logging(level: int) -> None:
     type=float,
     default=None,
     metavar="UM_PER_PX",
-    help="Level-0 µm/px for slides whose metadata has none.",
+    help="Level-0 µm/px for slides whose metadata has none or an implausible one (outside 0.05-20).",
 )
 @click.option("--workers", type=int, default=None, help="Tile-reading worker processes per device.")
 @click.option("--batch-size", type=int, default=None, help="Tiles per forward pass.")

@@ -76,12 +76,14 @@ class SlideProcessor:
             rec.error = f"slide_id {source.slide_id!r} is not a plain file name (outputs are named by it)"
             log.warning("%s: error: %s", source.slide_id, rec.error)
             return rec
+        self._recomputing = False
         try:
             self._process(source, rec, on_tiles)
         except Exception as exc:  # one bad slide never stops the cohort
             log.debug("%s failed", source.slide_id, exc_info=True)
             rec.status, rec.error, rec.n_tiles, rec.reused = "error", one_line(exc), 0, False
-            self._remove(source.slide_id, thumbnail=True)
+            if self._recomputing:  # an open/read failure before that decision keeps finished outputs
+                self._remove(source.slide_id, thumbnail=True)
         rec.seconds = time.perf_counter() - start
         if rec.status != "ok":
             log.warning("%s: %s: %s", source.slide_id, rec.status, rec.error)
@@ -134,6 +136,7 @@ class SlideProcessor:
                 rec.backbone = self.extractor.backbone.name if self.extractor else ""
                 log.info("%s: complete with the same parameters, skipped", sid)
                 return
+            self._recomputing = True  # from here on the outputs are being replaced
 
             if grid is None:
                 mask = detect_tissue(slide, cfg.tissue)

@@ -104,11 +104,30 @@ def mpp_from_properties(props: Mapping[str, str]) -> float | None:
     if found:
         if len(found) == 2 and abs(found[0] - found[1]) > 0.01 * max(found):
             log.warning("anisotropic pixels (mpp-x=%s, mpp-y=%s); using their mean", *found)
-        return float(sum(found) / len(found))
+        return _plausible(float(sum(found) / len(found)), "openslide.mpp-x/y")
     unit = (props.get("tiff.ResolutionUnit") or "").lower()
     res = _positive_float(props.get("tiff.XResolution"))
     if unit in _UNIT_TO_UM and res:
-        return _UNIT_TO_UM[unit] / res
+        return _plausible(_UNIT_TO_UM[unit] / res, "tiff.XResolution")
+    return None
+
+
+PLAUSIBLE_MPP = (0.05, 20.0)
+"""µm/px range a slide scan can have; metadata outside it (e.g. 72 dpi = 352.78) counts as missing."""
+
+
+def _plausible(mpp: float, key: str) -> float | None:
+    """``mpp`` when inside :data:`PLAUSIBLE_MPP`, else ``None`` so ``--mpp`` / the CSV column apply."""
+    low, high = PLAUSIBLE_MPP
+    if low <= mpp <= high:
+        return mpp
+    log.warning(
+        "metadata %s gives %g µm/px, outside the plausible %g-%g µm/px: treated as missing",
+        key,
+        mpp,
+        low,
+        high,
+    )
     return None
 
 

@@ -18,6 +18,10 @@ import numpy as np
 __all__ = ["MissingMppError", "Slide", "SlideError", "composite_on_white", "one_line"]
 
 
+LEVEL_TOLERANCE = 0.01
+"""Relative slack when matching a target downsample to a pyramid level (issue 13 item 6)."""
+
+
 class SlideError(RuntimeError):
     """A slide that cannot be opened or read; the message names the file."""
 
@@ -84,7 +88,8 @@ class Slide(ABC):
         native = self.native_mpp
         if native is None:
             raise MissingMppError(
-                f"{self.path}: no µm/px (mpp) in the slide metadata; pass --mpp or an 'mpp' column in the CSV"
+                f"{self.path}: no usable µm/px (mpp) in the metadata (absent, or outside 0.05-20 µm/px); "
+                "pass --mpp or an 'mpp' column in the CSV"
             )
         return native
 
@@ -99,8 +104,13 @@ class Slide(ABC):
         return int(props.get("openslide.bounds-x", 0) or 0), int(props.get("openslide.bounds-y", 0) or 0)
 
     def best_level_for_downsample(self, downsample: float) -> int:
-        """The coarsest level whose downsample does not exceed ``downsample`` (never coarser)."""
-        limit = downsample * (1 + 1e-6)
+        """The coarsest level whose downsample is at most ``downsample`` times ``1 + LEVEL_TOLERANCE``.
+
+        Pyramids with floor-rounded dimensions report e.g. 2.00034 for a 2x level; a strict
+        comparison would read level 0 (4x the decoding) for a target of 1.996. A level up to 1%
+        coarser is accepted: the tile is then upsampled by at most 1%.
+        """
+        limit = downsample * (1 + LEVEL_TOLERANCE)
         fitting = [(ds, level) for level, ds in enumerate(self.level_downsamples) if ds <= limit]
         return max(fitting)[1] if fitting else 0
 
