@@ -318,7 +318,7 @@ def test_weights_from_safetensors_give_the_same_features(tmp_path, synth) -> Non
     other = build_backbone("resnet34", pretrained=False).model.state_dict()
     save_file({k: v.contiguous() for k, v in other.items()}, str(bad))
     result = _run(slides, "--out", out, *args, "--weights", bad, expect=1)
-    assert "do not fit this architecture" in result.stderr
+    assert "match the checkpoint" in result.stderr and "wrong.safetensors" in result.stderr
 
 
 def test_offline_pretrained_is_a_clear_error(tmp_path, synth, monkeypatch) -> None:

@@ -104,7 +104,8 @@ def test_level_choice_is_closest_not_coarser(
     assert (g.level, g.read_size) == (1, 384)
     # OpenSlide's boxes.tiff: downsamples 1, 2, 4.016, 8.086. A target of 4x uses level 2
     # (0.4% coarser, within LEVEL_TOLERANCE = 1%); a target of 3.9x (3% off) must use level 1.
-    boxes = open_slide(shared_data / "openslide_fixtures" / "boxes.tiff")
+    # boxes.tiff carries 72 dpi (352.78 µm/px, outside the plausible range): give it one
+    boxes = open_slide(shared_data / "openslide_fixtures" / "boxes.tiff", mpp=1.0)
     mask = detect_tissue(boxes, TissueConfig(mask_mpp=boxes.mpp * 4))
     grid = TileGrid.from_tissue(
         boxes, mask, GridConfig(target_mpp=boxes.mpp * 4, tile_px=16, min_tissue_fraction=0)
