@@ -285,3 +285,17 @@ def test_heatmap_scores_of_an_earlier_task_use_its_task_aware_view(sequence, coh
     assert (a.attention == b.attention).all() and (a.bag_probs == b.bag_probs).all()
     liver = score_bag(after, x.numpy(), c.numpy(), "liver")
     assert liver.classes == ("liver_normal", "liver_tumor")
+
+
+@pytest.mark.parametrize("method", ["replay", "ewc"])
+def test_strategies_that_remember_keep_their_memory_in_the_checkpoint(cohorts, tmp_path, method):
+    out = run_pipeline(_pipeline(tmp_path, cohorts, method, method, epochs=1))
+    state = load_checkpoint(out / "task1_liver" / "best.ckpt")["pathopeft_strategy"]
+    assert state["tasks_done"] == ["breast", "liver"]
+    if method == "replay":
+        tasks = {b["task"] for b in state["buffer"]}
+        assert tasks == {0, 1} and len(state["buffer"]) <= 30 and state["seen"] == 16  # 8 + 8 train bags
+    else:
+        assert state["fisher"] and set(state["fisher"]) <= set(state["anchor"])
+        assert all(bool((f >= 0).all()) for f in state["fisher"].values())
+        assert any(float(f.sum()) > 0 for f in state["fisher"].values())

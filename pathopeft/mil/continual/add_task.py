@@ -21,7 +21,7 @@ import torch
 
 from pathopeft.config import ConfigError
 from pathopeft.config.train import DataConfig, TrainConfig
-from pathopeft.files import atomic_path
+from pathopeft.files import atomic_path, atomic_write_json
 from pathopeft.mil.base import Task
 from pathopeft.mil.continual.evaluation import evaluate_task
 from pathopeft.mil.data import MILDataModule
@@ -179,24 +179,14 @@ def prepare_earlier(module: MILModule, config: TrainConfig) -> None:
     for index, record in enumerate(module.records[:-1]):
         if record["name"] in done:
             continue
-        if module.strategy.name in ("ewc", "replay"):
+        if module.strategy.remembers:
             cfg = data_config_for(record, config.data)
             if cfg is None:
                 raise ConfigError(f"task {record['name']!r}: the checkpoint does not say where its bags are")
             earlier = MILDataModule(cfg, in_dim=module.model.in_dim, seed=config.seed, task=index)
             earlier.prepare()
-            items = [
-                {
-                    "task": index,
-                    "slide_id": i.slide_id,
-                    "label": i.label,
-                    "bag": str(i.bag),
-                    "n_tiles": i.n_tiles,
-                }
-                for i in earlier.split_items("train")
-            ]
             with _as_task(module, index):
-                module.strategy.after_task(module, earlier.train_dataloader(), items)
+                module.strategy.after_task(module, earlier.train_dataloader(), _train_items(earlier, index))
         done.add(record["name"])
     module.strategy.state["tasks_done"] = sorted(done)
 
@@ -252,7 +242,8 @@ def evaluate_all(module: MILModule, config: TrainConfig, current: MILDataModule)
 
 
 def record_history(module: MILModule, results: dict[str, dict[str, Any]], checkpoints: list[Path]) -> None:
-    """Append ``results`` (after the newest task) to the history and write it into the checkpoints."""
+    """Append ``results`` (after the newest task) to the history; write it and the strategy's memory
+    into the checkpoints (one atomic rewrite each)."""
     after = module.task.name
     for task, modes in results.items():
         module.history.append({"after": after, "task": task, **_flatten(modes)})
@@ -261,8 +252,17 @@ def record_history(module: MILModule, results: dict[str, dict[str, Any]], checkp
             continue
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         ckpt["pathopeft_history"] = list(module.history)
+        ckpt["pathopeft_strategy"] = dict(module.strategy.state)
         with atomic_path(path) as tmp:
             torch.save(ckpt, tmp)
+
+
+def _train_items(data: MILDataModule, index: int) -> list[dict[str, Any]]:
+    """A task's training bags as the plain records the strategies keep (the replay buffer)."""
+    return [
+        {"task": index, "slide_id": i.slide_id, "label": i.label, "bag": str(i.bag), "n_tiles": i.n_tiles}
+        for i in data.split_items("train")
+    ]
 
 
 def _flatten(modes: dict[str, Any]) -> dict[str, Any]:
@@ -292,8 +292,7 @@ def add_task(checkpoint: str | Path, config: TrainConfig, *, resume: bool = Fals
     check_features(ckpt, checkpoint, data)
     module = extend_module(ckpt, config, data)
     prepare_earlier(module, config)
-    if module.strategy.name == "replay":
-        data.extra_train = replay_datasets(module, config)
+    data.extra_train = replay_datasets(module, config)  # empty unless the strategy replays
     report = {"added_to": str(checkpoint.resolve()), "method": config.continual.method,
               "trainable": trainable_summary(module)}  # fmt: skip
     run_dir = fit_and_test(config, module, data, run_dir, resume=resume, report=report)
@@ -307,27 +306,11 @@ def finish_task(module: MILModule, config: TrainConfig, data: MILDataModule, run
     chosen = MILModule.from_checkpoint(best)
     chosen.strategy.state = dict(module.strategy.state)
     results = evaluate_all(chosen, config, data) if config.continual.evaluate_earlier else {}
-    index = len(chosen.records) - 1
-    items = [
-        {"task": index, "slide_id": i.slide_id, "label": i.label, "bag": str(i.bag), "n_tiles": i.n_tiles}
-        for i in data.split_items("train")
-    ]
-    if chosen.strategy.name in ("ewc", "replay"):
+    if chosen.strategy.remembers:
+        items = _train_items(data, len(chosen.records) - 1)
         chosen.strategy.after_task(chosen, data.train_dataloader(), items)
     chosen.strategy.state["tasks_done"] = sorted(
         {*chosen.strategy.state.get("tasks_done", []), chosen.task.name}
     )
-    _save_strategy(chosen, [run_dir / "best.ckpt", run_dir / "last.ckpt"])
     record_history(chosen, results, [run_dir / "best.ckpt", run_dir / "last.ckpt"])
-    from pathopeft.files import atomic_write_json
-
     atomic_write_json(run_dir / "evaluation.json", {"after": chosen.task.name, "results": results})
-
-
-def _save_strategy(module: MILModule, checkpoints: list[Path]) -> None:
-    for path in checkpoints:
-        if path.is_file():
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            ckpt["pathopeft_strategy"] = dict(module.strategy.state)
-            with atomic_path(path) as tmp:
-                torch.save(ckpt, tmp)

@@ -64,9 +64,9 @@ def evaluate_task(
     bag = {m: BagMetrics(n) for m in MODES}
     inst = {m: InstanceMetrics(threshold) for m in MODES}
     correct = {m: 0 for m in MODES}
-    total = 0
     module.eval()
     batches = list(batches)
+    total = sum(len(b["labels"]) for b in batches)
     for mode in MODES:
         with task_mode(module, None if mode == "class_incremental" else task):
             for batch in batches:
@@ -87,7 +87,6 @@ def evaluate_task(
                     correct[mode] += int((probs.argmax(dim=-1) == batch["labels"]).sum())
                 bag[mode].update(probs, batch["labels"])
                 inst[mode].update(out.scores, batch["tile_labels"], out.mask)
-                total += len(batch["labels"]) if mode == MODES[0] else 0
     results: dict[str, dict[str, float]] = {}
     for mode in MODES:
         b = {k: float(v) for k, v in bag[mode].compute().items()}

@@ -58,6 +58,7 @@ class Strategy:
 
     name: ClassVar[str] = "none"
     adapter_method: ClassVar[str | None] = None  # adapter library method attached per added task
+    remembers: ClassVar[bool] = False  # keeps something of each finished task (after_task does work)
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         self.options = dict(options)
@@ -202,6 +203,7 @@ class EWC(Strategy):
     """Online EWC: ``λ/2 · Σ F (θ − θ*)²`` with ``F ← γ F + F_task`` after each task."""
 
     name = "ewc"
+    remembers = True
 
     def extra_losses(self, module: MILModule, out: Any, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         fisher, anchor = self.state.get("fisher"), self.state.get("anchor")
@@ -248,6 +250,7 @@ class Replay(Strategy):
     """Experience replay: a reservoir buffer of ``buffer_size`` earlier-task bags (30 in the paper)."""
 
     name = "replay"
+    remembers = True
 
     def after_task(self, module: MILModule, loader: Any, items: list[dict[str, Any]]) -> None:
         size = int(self.options.get("buffer_size", 30))
