@@ -61,7 +61,9 @@ SMALL = [
 ]  # fmt: skip
 
 
-def run_one(root: Path, cohort, setting: str, seed: int, epochs: int, small: bool = True) -> dict[str, float]:
+def run_one(
+    root: Path, cohort, setting: str, seed: int, epochs: int, small: bool = True, extra: tuple[str, ...] = ()
+) -> dict[str, float]:
     sets = [
         *(SMALL if small else []),
         f"data.manifest={cohort.manifest}",
@@ -78,6 +80,7 @@ def run_one(root: Path, cohort, setting: str, seed: int, epochs: int, small: boo
         f"run.name={setting}_s{seed}",
         f"seed={seed}",
         *SETTINGS[setting],
+        *extra,
     ]
     config = load_config(TrainConfig, Path("configs/camelyon_comel.yaml"), sets)
     start = time.perf_counter()
@@ -124,6 +127,7 @@ def main() -> None:
     parser.add_argument("--full-width", action="store_true", help="the shipped 512-wide models")
     parser.add_argument("--only", default=None, help="comma-separated settings (default: all)")
     parser.add_argument("--out", default=None, help="CSV of every run")
+    parser.add_argument("--set", action="append", default=[], help="extra config override for every run")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -143,7 +147,13 @@ def main() -> None:
             )
             for setting in settings:
                 result = run_one(
-                    Path(tmp) / f"s{seed}", cohort, setting, seed, args.epochs, not args.full_width
+                    Path(tmp) / f"s{seed}",
+                    cohort,
+                    setting,
+                    seed,
+                    args.epochs,
+                    not args.full_width,
+                    tuple(args.set),
                 )
                 result.update(setting=setting, seed=seed, ideal=cohort.ideal_instance_auc)
                 rows.append(result)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -219,7 +220,17 @@ def _pipeline(tmp_path: Path, cohorts, method: str, name: str, n: int = 2, epoch
 
 def test_pipeline_writes_result_matrices_and_a_missing_config_is_refused(cohorts, tmp_path):
     path = _pipeline(tmp_path, cohorts, "owlora", "p")
-    out = run_pipeline(path)
+    out = run_pipeline(path, ("forward_transfer=true",))
+    # forward transfer: the added task was also trained alone, and FWT is R[1,1] minus that run
+    ref = json.loads((out / "reference" / "task1_liver" / "evaluation.json").read_text())
+    scratch = ref["results"]["liver"]["task_aware"]["bag_auc"]
+    matrix = pd.read_csv(out / "results" / "task_aware_bag_auc.csv", index_col=0)
+    table = pd.read_csv(out / "results" / "summary.csv")
+    row = table[(table["mode"] == "task_aware") & (table["metric"] == "bag_auc")].iloc[0]
+    assert row["FWT"] == pytest.approx(matrix.loc["after liver", "liver"] - scratch, abs=1e-4)
+    costs = pd.read_csv(out / "results" / "task_costs.csv")
+    assert list(costs["run"]) == ["reference/task1_liver", "task0_breast", "task1_liver"]
+    assert (costs["fit_seconds"] > 0).all()
     for mode in ("class_incremental", "task_aware"):
         for metric in ("bag_accuracy", "bag_auc", "instance_auc", "tile_dice"):
             assert (out / "results" / f"{mode}_{metric}.csv").is_file()
@@ -271,6 +282,9 @@ def test_transfer_metrics_by_hand():
     assert m["ACC"] == pytest.approx((0.6 + 0.75 + 0.5) / 3)
     assert m["BWT"] == pytest.approx(((0.6 - 0.9) + (0.75 - 0.7)) / 2)
     assert m["forgetting"] == pytest.approx(((0.9 - 0.6) + (0.7 - 0.75)) / 2)
+    assert np.isnan(m["FWT"])  # no from-scratch reference
+    m = transfer_metrics(r, np.array([np.nan, 0.6, 0.55]))
+    assert m["FWT"] == pytest.approx(((0.7 - 0.6) + (0.5 - 0.55)) / 2)
 
 
 def test_heatmap_scores_of_an_earlier_task_use_its_task_aware_view(sequence, cohorts):

@@ -12,6 +12,7 @@ from their own slides' prediction CSVs.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,9 @@ def fit_and_test(
         atomic_write_text(run_dir / "splits.csv", data.splits.to_csv(index=False))
     module.predictions_dir = run_dir / "predictions"
     trainer = build_trainer(config.trainer, run_dir, monitor=config.run.monitor, mode=config.run.monitor_mode)
+    started = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if resuming else None)
+    fit_seconds = time.perf_counter() - started
     checkpoint = "best" if (run_dir / "best.ckpt").is_file() else "last"
     trainer.test(module, datamodule=data, ckpt_path=checkpoint, verbose=False)
     module.best_checkpoint = run_dir / f"{checkpoint}.ckpt"
@@ -130,6 +133,7 @@ def fit_and_test(
             "n_slides": len(data.split_items(data.test_split)),
             "checkpoint": f"{checkpoint}.ckpt",
             "model": config.model.name,
+            "fit_seconds": round(fit_seconds, 2),
             **(report or {}),
             **module.test_results,
         }

@@ -35,7 +35,7 @@ from pathopeft.config.train import TrainConfig
 from pathopeft.files import atomic_write_json, atomic_write_text
 from pathopeft.mil.continual.evaluation import METRICS, MODES
 
-__all__ = ["PipelineConfig", "is_pipeline", "run_pipeline", "summarise"]
+__all__ = ["PipelineConfig", "is_pipeline", "run_pipeline", "summarise", "task_costs", "transfer_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,12 @@ class PipelineConfig(StrictModel):
     set: list[str] = Field(default_factory=list, description="key=value overrides for every task")
     tasks: list[PipelineTask] = Field(min_length=1)
     run: PipelineRun = Field(default_factory=PipelineRun)
+    forward_transfer: bool = Field(
+        False,
+        description="also train every task after the first alone, from scratch (reference/), so that "
+        "forward transfer FWT = mean over i ≥ 1 of R[i, i] − R_scratch[i] is defined; costs one extra "
+        "training per added task",
+    )
 
 
 def is_pipeline(path: str | Path) -> bool:
@@ -115,6 +121,8 @@ def run_pipeline(path: str | Path, overrides: tuple[str, ...] = (), *, resume: b
         _run_joint(configs, out, resume)
     else:
         _run_sequence(configs, out, state)
+        if pipeline.forward_transfer:
+            _run_references(configs, out)
     summarise(out)
     return out
 
@@ -131,9 +139,7 @@ def _fresh(cfg: TrainConfig) -> TrainConfig:
 
 
 def _run_sequence(configs: list[TrainConfig], out: Path, state: dict[str, Any]) -> None:
-    from pathopeft.mil.continual.add_task import add_task, finish_task
-    from pathopeft.mil.data import MILDataModule
-    from pathopeft.mil.train import build_module, fit_and_test
+    from pathopeft.mil.continual.add_task import add_task
 
     previous: Path | None = None
     for i, cfg in enumerate(configs):
@@ -141,15 +147,7 @@ def _run_sequence(configs: list[TrainConfig], out: Path, state: dict[str, Any]) 
         if _complete(run_dir):
             log.info("task %d (%s) is complete: skipped", i, cfg.data.task)
         elif i == 0:
-            import lightning
-
-            lightning.seed_everything(cfg.seed, workers=True, verbose=False)
-            data = MILDataModule(cfg.data, in_dim=cfg.model.in_dim, seed=cfg.seed, task=0)
-            data.prepare()
-            assert data.in_dim is not None
-            module = build_module(cfg, data.in_dim, data, strategy=cfg.continual.strategy(cfg.seed))
-            fit_and_test(_fresh(cfg), module, data, run_dir)
-            finish_task(module, cfg, data, run_dir)
+            _train_alone(cfg, run_dir, i)
         else:
             assert previous is not None
             add_task(previous / "best.ckpt", _fresh(cfg))
@@ -157,6 +155,34 @@ def _run_sequence(configs: list[TrainConfig], out: Path, state: dict[str, Any]) 
         state["done"] = [c.data.task for c in configs[: i + 1]]
         atomic_write_json(out / "pipeline.json", state)
         log.info("pipeline: %d/%d tasks done", i + 1, len(configs))
+
+
+def _train_alone(cfg: TrainConfig, run_dir: Path, index: int) -> None:
+    """One task trained from scratch as the first task of a sequence (task 0's code path)."""
+    import lightning
+
+    from pathopeft.mil.continual.add_task import finish_task
+    from pathopeft.mil.data import MILDataModule
+    from pathopeft.mil.train import build_module, fit_and_test
+
+    lightning.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = MILDataModule(cfg.data, in_dim=cfg.model.in_dim, seed=cfg.seed, task=0)
+    data.prepare()
+    assert data.in_dim is not None
+    module = build_module(cfg, data.in_dim, data, strategy=cfg.continual.strategy(cfg.seed))
+    cfg = _fresh(cfg)
+    cfg.run.root, cfg.run.name = str(run_dir.parent), run_dir.name
+    fit_and_test(cfg, module, data, run_dir)
+    finish_task(module, cfg, data, run_dir)
+    log.info("reference %d (%s) trained alone", index, cfg.data.task)
+
+
+def _run_references(configs: list[TrainConfig], out: Path) -> None:
+    """Forward transfer needs each added task's score without the earlier tasks: train it alone."""
+    for i, cfg in enumerate(configs[1:], start=1):
+        run_dir = out / "reference" / cfg.run.name
+        if not _complete(run_dir):
+            _train_alone(cfg, run_dir, i)
 
 
 def _run_joint(configs: list[TrainConfig], out: Path, resume: bool) -> None:
@@ -228,22 +254,73 @@ def _matrices(out: Path) -> tuple[list[str], dict[tuple[str, str], np.ndarray], 
     return names, mats, after
 
 
-def transfer_metrics(r: np.ndarray) -> dict[str, float]:
-    """ACC, BWT and forgetting of a square result matrix R[t, i] (NaN where undefined)."""
+def transfer_metrics(r: np.ndarray, scratch: np.ndarray | None = None) -> dict[str, float]:
+    """ACC, BWT, forgetting and forward transfer of a square result matrix R[t, i] (NaN where undefined).
+
+    ``scratch[i]`` is task i's score when trained alone from scratch (NaN for task 0 or when not
+    measured): FWT = mean over i ≥ 1 of R[i, i] − scratch[i], how much the earlier tasks helped (> 0)
+    or hindered (< 0) learning task i. With per-task heads the "R[i−1, i] − random" form of FWT is
+    undefined (task i has no head before it is trained), hence the from-scratch reference.
+    """
     t = r.shape[0] - 1
     final = r[t]
     acc = float(np.nanmean(final)) if np.isfinite(final).any() else float("nan")
+    out = {"ACC": acc, "BWT": float("nan"), "forgetting": float("nan"), "FWT": float("nan")}
     if r.shape[0] != r.shape[1] or t == 0:
-        return {"ACC": acc, "BWT": float("nan"), "forgetting": float("nan")}
+        return out
     bwt = [r[t, i] - r[i, i] for i in range(t)]
     forget = [np.nanmax(r[i:t, i]) - r[t, i] for i in range(t)]
-    return {"ACC": acc, "BWT": float(np.nanmean(bwt)), "forgetting": float(np.nanmean(forget))}
+    out.update(BWT=float(np.nanmean(bwt)), forgetting=float(np.nanmean(forget)))
+    if scratch is not None:
+        fwt = [r[i, i] - scratch[i] for i in range(1, r.shape[0]) if np.isfinite(scratch[i])]
+        if fwt and np.isfinite(fwt).any():
+            out["FWT"] = float(np.nanmean(fwt))
+    return out
+
+
+def _scratch(out: Path, names: list[str]) -> dict[tuple[str, str], np.ndarray]:
+    """Per mode and metric, each task's from-scratch score (reference/ runs; NaN where absent)."""
+    refs = {(m, k): np.full(len(names), np.nan) for m in MODES for k in METRICS}
+    for i, name in enumerate(names):
+        path = out / "reference" / f"task{i}_{name}" / "evaluation.json"
+        if not path.is_file():
+            continue
+        result = json.loads(path.read_text())["results"].get(name)
+        if not result or "error" in result:
+            continue
+        for m in MODES:
+            for k in METRICS:
+                refs[(m, k)][i] = result[m][k]
+    return refs
+
+
+def task_costs(out: str | Path) -> pd.DataFrame:
+    """Per trained task: training seconds, trainable parameters and checkpoint size (the cost of
+    adding a task, against retraining everything in ``joint``)."""
+    out = Path(out)
+    rows = []
+    for folder in sorted([*out.glob("task*_*"), *out.glob("joint"), *out.glob("reference/task*_*")]):
+        path = folder / "test_metrics.json"
+        if not path.is_file():
+            continue
+        test = json.loads(path.read_text())
+        ckpt = folder / "best.ckpt"
+        rows.append(
+            {
+                "run": str(folder.relative_to(out)),
+                "fit_seconds": test.get("fit_seconds", float("nan")),
+                "trainable": test.get("trainable", ""),
+                "checkpoint_mb": ckpt.stat().st_size / 2**20 if ckpt.is_file() else float("nan"),
+            }
+        )
+    return pd.DataFrame(rows, columns=["run", "fit_seconds", "trainable", "checkpoint_mb"])
 
 
 def summarise(out: str | Path) -> pd.DataFrame:
     """Write results/ (matrices as CSV + PNG, summary.csv/.md); returns the summary table."""
     out = Path(out)
     names, mats, _ = _matrices(out)
+    refs = _scratch(out, names)
     method = json.loads((out / "pipeline.json").read_text())["method"]
     results = out / "results"
     results.mkdir(exist_ok=True)
@@ -255,19 +332,26 @@ def summarise(out: str | Path) -> pd.DataFrame:
         _plot_matrix(
             frame, f"{method}: {metric} ({mode.replace('_', '-')})", results / f"{mode}_{metric}.png"
         )
-        rows.append({"method": method, "mode": mode, "metric": metric, **transfer_metrics(r)})
+        transfer = transfer_metrics(r, refs[(mode, metric)])
+        rows.append({"method": method, "mode": mode, "metric": metric, **transfer})
     summary = pd.DataFrame(rows)
     atomic_write_text(results / "summary.csv", summary.to_csv(index=False, float_format="%.4f"))
     lines = [f"# {out.name}: {method}, tasks {' → '.join(names)}", "",
-             "| mode | metric | ACC | BWT | forgetting |", "|---|---|---:|---:|---:|"]  # fmt: skip
+             "| mode | metric | ACC | BWT | forgetting | FWT |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
     for row in rows:
         lines.append(
             f"| {row['mode']} | {row['metric']} | {row['ACC']:.3f} | {row['BWT']:.3f} "
-            f"| {row['forgetting']:.3f} |"
+            f"| {row['forgetting']:.3f} | {row['FWT']:.3f} |"
         )
     lines += ["", "ACC: mean over tasks after the last one; BWT: mean of R[T,i] − R[i,i] over earlier tasks; "
               "forgetting: mean over earlier tasks of the largest drop from an earlier "
-              "evaluation."]  # fmt: skip
+              "evaluation; FWT: mean over added tasks of R[i,i] − the task trained alone (NaN unless the "
+              "pipeline sets forward_transfer: true)."]  # fmt: skip
+    costs = task_costs(out)
+    atomic_write_text(results / "task_costs.csv", costs.to_csv(index=False, float_format="%.3f"))
+    lines += ["", "| run | training s | trainable | checkpoint MB |", "|---|---:|---|---:|"]
+    for c in costs.itertuples():
+        lines.append(f"| {c.run} | {c.fit_seconds:.1f} | {c.trainable} | {c.checkpoint_mb:.2f} |")
     atomic_write_text(results / "summary.md", "\n".join(lines) + "\n")
     return summary
 
