@@ -124,6 +124,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--bags", default="40,12,16", help="train,val,test bags")
     parser.add_argument("--tiles", default="400,800")
+    parser.add_argument("--dim", type=int, default=64, help="feature size D")
+    parser.add_argument("--signal", type=float, default=None, help="override the scenario's lesion shift (σ)")
     parser.add_argument("--full-width", action="store_true", help="the shipped 512-wide models")
     parser.add_argument("--only", default=None, help="comma-separated settings (default: all)")
     parser.add_argument("--out", default=None, help="CSV of every run")
@@ -134,6 +136,9 @@ def main() -> None:
     settings = args.only.split(",") if args.only else [s for s in SETTINGS if s != "default"]
     bags = tuple(int(v) for v in args.bags.split(","))
     tiles = tuple(int(v) for v in args.tiles.split(","))
+    scenario = dict(SCENARIOS[args.scenario])
+    if args.signal is not None:
+        scenario["signal"] = args.signal
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         seeds = [int(v) for v in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
@@ -143,7 +148,8 @@ def main() -> None:
                 n_bags=bags,
                 tiles=tiles,
                 seed=100 + seed,
-                **SCENARIOS[args.scenario],
+                dim=args.dim,
+                **scenario,
             )
             for setting in settings:
                 result = run_one(
@@ -169,8 +175,8 @@ def main() -> None:
         frame.to_csv(args.out, index=False)
     width = "512 (shipped)" if args.full_width else "128"
     print(
-        f"scenario {args.scenario}: {SCENARIOS[args.scenario]}, bags {bags}, tiles {tiles}, width {width}, "
-        f"{args.seeds} seeds, {args.epochs} epochs, lr 1e-4"
+        f"scenario {args.scenario}: {scenario}, D {args.dim}, bags {bags}, tiles {tiles}, width {width}, "
+        f"seeds {sorted(set(frame.seed))}, {args.epochs} epochs, overrides {args.set or 'none (lr 1e-4)'}"
     )
     print(f"ideal per-tile instance AUC {fmt(frame.groupby('seed')['ideal'].first().tolist())}")
     print(

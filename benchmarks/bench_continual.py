@@ -30,7 +30,16 @@ ORGANS = ("breast", "liver", "colon")
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic_task.yaml"
 
 
-def pipeline_file(tmp: Path, cohorts, method: str, seed: int, epochs: int) -> Path:
+# method variants: a pipeline method plus overrides for every task
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "owlora_no_protect_base": ("owlora", ["continual.protect_base=false"]),
+}
+
+
+def pipeline_file(
+    tmp: Path, cohorts, name: str, seed: int, epochs: int | None, extra: list[str], forward_transfer: bool
+) -> Path:
+    method, variant_sets = VARIANTS.get(name, (name, []))
     tasks = []
     for organ, c in zip(ORGANS, cohorts):
         tasks.append(
@@ -42,13 +51,16 @@ def pipeline_file(tmp: Path, cohorts, method: str, seed: int, epochs: int) -> Pa
                     f"data.annotations={c.annotations_dir}",
                     f"data.task={organ}",
                     f"data.classes=[{organ}_normal,{organ}_tumor]",
-                    f"trainer.max_epochs={epochs}",
+                    *([f"trainer.max_epochs={epochs}"] if epochs else []),
+                    *variant_sets,
+                    *extra,
                 ],
             }
         )
-    path = tmp / f"{method}_{seed}.yaml"
-    run = {"name": f"{method}_{seed}", "root": str(tmp / "runs")}
-    path.write_text(yaml.safe_dump({"method": method, "seed": seed, "tasks": tasks, "run": run}))
+    path = tmp / f"{name}_{seed}.yaml"
+    run = {"name": f"{name}_{seed}", "root": str(tmp / "runs")}
+    data = {"method": method, "seed": seed, "tasks": tasks, "run": run, "forward_transfer": forward_transfer}
+    path.write_text(yaml.safe_dump(data))
     return path
 
 
@@ -63,8 +75,13 @@ def fmt(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--methods", default="owlora,lora,finetune,ewc,replay,joint")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the task config's")
+    parser.add_argument("--methods", default="owlora,owlora_no_protect_base,lora,finetune,ewc,replay,joint")
+    parser.add_argument("--seed-list", default=None, help="comma-separated seeds (parallel processes)")
+    parser.add_argument("--set", action="append", default=[], help="extra override for every task")
+    parser.add_argument(
+        "--no-forward-transfer", action="store_true", help="skip the from-scratch reference runs"
+    )
     parser.add_argument("--out", default=None, help="CSV of every (method, seed, mode, metric)")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
@@ -72,14 +89,18 @@ def main() -> None:
     rows, sizes = [], []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        for seed in range(args.seeds):
+        seeds = [int(v) for v in args.seed_list.split(",")] if args.seed_list else range(args.seeds)
+        for seed in seeds:
             cohorts = make_task_sequence(tmp / f"data{seed}", ORGANS, seed=seed, dim=32, n_bags=(24, 8, 12),
                                          tiles=(60, 120), signal=4.0, lesion_share=(0.05, 0.15))  # fmt: skip
             for method in args.methods.split(","):
                 start = time.perf_counter()
-                out = run_pipeline(pipeline_file(tmp, cohorts, method, seed, args.epochs))
+                forward = method != "joint" and not args.no_forward_transfer
+                path = pipeline_file(tmp, cohorts, method, seed, args.epochs, args.set, forward)
+                out = run_pipeline(path)
                 seconds = time.perf_counter() - start
                 summary = pd.read_csv(out / "results" / "summary.csv")
+                summary["method"] = method
                 summary["seed"], summary["seconds"] = seed, seconds
                 rows.append(summary)
                 folders = [out / "joint"] if method == "joint" else sorted(out.glob("task*_*"))
@@ -87,28 +108,37 @@ def main() -> None:
                     test = json.loads((folder / "test_metrics.json").read_text())
                     sizes.append({"method": method, "seed": seed, "task": i,
                                   "ckpt_mb": (folder / "best.ckpt").stat().st_size / 2**20,
+                                  "fit_s": test.get("fit_seconds", float("nan")),
                                   "trainable": test.get("trainable", "")})  # fmt: skip
                 print(f"  seed {seed} {method}: {seconds:.0f} s", flush=True)
     frame = pd.concat(rows)
     if args.out:
         frame.to_csv(args.out, index=False)
     sequence = " → ".join(ORGANS)
-    print(f"\n3-task synthetic sequence ({sequence}), {args.seeds} seeds, {args.epochs} epochs per task")
-    print("| method | mode | ACC bag acc | BWT bag acc | forgetting | ACC instance AUC | s/pipeline |")
-    print("|---|---|---|---|---|---|---|")
+    epochs = args.epochs or "config's"
+    print(
+        f"\n3-task synthetic sequence ({sequence}), seeds {list(seeds)}, {epochs} epochs per task, {args.set}"
+    )
+    print(
+        "| method | mode | ACC bag acc | BWT bag acc | forgetting | FWT bag acc | ACC inst. AUC | s/run |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for method in args.methods.split(","):
         for mode in ("class_incremental", "task_aware"):
             g = frame[(frame["method"] == method) & (frame["mode"] == mode)]
             acc = g[g["metric"] == "bag_accuracy"]
             inst = g[g["metric"] == "instance_auc"]
             cells = [fmt(acc.ACC.tolist()), fmt(acc.BWT.tolist()), fmt(acc.forgetting.tolist())]
+            cells += [fmt(acc.FWT.tolist())]
             cells += [fmt(inst.ACC.tolist()), f"{g.seconds.mean():.0f}"]
             print(f"| {method} | {mode} | {' | '.join(cells)} |")
     sizes_frame = pd.DataFrame(sizes)
-    print("\n| method | task | checkpoint MB (mean) | trainable (seed 0) |")
-    print("|---|---|---|---|")
+    print("\n| method | task | training s (mean) | checkpoint MB (mean) | trainable (first seed) |")
+    print("|---|---|---|---|---|")
     for (method, task), g in sizes_frame.groupby(["method", "task"], sort=False):
-        print(f"| {method} | {task} | {g.ckpt_mb.mean():.2f} | {g.trainable.iloc[0]} |")
+        print(
+            f"| {method} | {task} | {g.fit_s.mean():.1f} | {g.ckpt_mb.mean():.2f} | {g.trainable.iloc[0]} |"
+        )
 
 
 if __name__ == "__main__":

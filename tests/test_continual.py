@@ -309,6 +309,24 @@ def test_strategies_that_remember_keep_their_memory_in_the_checkpoint(cohorts, t
     if method == "replay":
         tasks = {b["task"] for b in state["buffer"]}
         assert tasks == {0, 1} and len(state["buffer"]) <= 30 and state["seen"] == 16  # 8 + 8 train bags
+        # the buffer's bags live in the run folder: the earlier task's feature folder may go away
+        run = out / "task1_liver"
+        assert sorted(p.name for p in (run / "replay").glob("*.h5")) == sorted(
+            Path(b["bag"]).name for b in state["buffer"]
+        )
+        assert all(not Path(b["bag"]).is_absolute() for b in state["buffer"])
+        breast = cohorts[0].root / "features"
+        breast.rename(cohorts[0].root / "features_gone")
+        try:
+            cfg = _cfg(cohorts[2], "colon", tmp_path, "t2", "continual.method=replay", "trainer.max_epochs=1")
+            third = add_task(run / "best.ckpt", cfg)
+        finally:
+            (cohorts[0].root / "features_gone").rename(breast)
+        evaluation = json.loads((third / "evaluation.json").read_text())["results"]
+        assert "error" in evaluation["breast"] and "error" not in evaluation["colon"]
+        later = load_checkpoint(third / "best.ckpt")["pathopeft_strategy"]
+        assert {b["task"] for b in later["buffer"]} == {0, 1, 2}
+        assert all((third / b["bag"]).is_file() for b in later["buffer"])
     else:
         assert state["fisher"] and set(state["fisher"]) <= set(state["anchor"])
         assert all(bool((f >= 0).all()) for f in state["fisher"].values())

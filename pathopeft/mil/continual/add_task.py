@@ -13,6 +13,7 @@ After training, every earlier task whose bags are still readable is evaluated ag
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -265,6 +266,45 @@ def _train_items(data: MILDataModule, index: int) -> list[dict[str, Any]]:
     ]
 
 
+REPLAY_DIR = "replay"
+
+
+def _store_buffer(module: MILModule, run_dir: Path) -> None:
+    """Copy the replay buffer's bags into ``run_dir/replay/`` and keep them by relative path, so a
+    run folder holds everything its next task needs: the earlier tasks' slides and feature folders
+    may then be deleted (the point of continual learning), and the folder may move."""
+    buffer = module.strategy.state.get("buffer")
+    if not buffer:
+        return
+    folder = run_dir / REPLAY_DIR
+    folder.mkdir(exist_ok=True)
+    kept = []
+    for entry in buffer:
+        source = Path(entry["bag"])
+        if not source.is_absolute():
+            source = run_dir / source
+        name = f"task{int(entry['task'])}_{entry['slide_id']}.h5"
+        target = folder / name
+        if source.resolve() != target.resolve():
+            if not source.is_file():
+                raise FileNotFoundError(f"replay buffer: bag {source} of slide {entry['slide_id']!r} is gone")
+            with atomic_path(target) as tmp:
+                shutil.copyfile(source, tmp)
+        kept.append(name)
+        entry["bag"] = f"{REPLAY_DIR}/{name}"
+    for stale in folder.glob("*.h5"):  # bags the reservoir replaced
+        if stale.name not in kept:
+            stale.unlink()
+
+
+def _resolve_buffer(module: MILModule, folder: Path) -> None:
+    """Buffer paths are relative to the checkpoint's folder (see :func:`_store_buffer`)."""
+    for entry in module.strategy.state.get("buffer", []):
+        path = Path(entry["bag"])
+        if not path.is_absolute():
+            entry["bag"] = str((folder / path).resolve())
+
+
 def _flatten(modes: dict[str, Any]) -> dict[str, Any]:
     if "error" in modes:
         return {"error": modes["error"]}
@@ -291,6 +331,7 @@ def add_task(checkpoint: str | Path, config: TrainConfig, *, resume: bool = Fals
     data.prepare()
     check_features(ckpt, checkpoint, data)
     module = extend_module(ckpt, config, data)
+    _resolve_buffer(module, checkpoint.parent)
     prepare_earlier(module, config)
     data.extra_train = replay_datasets(module, config)  # empty unless the strategy replays
     report = {"added_to": str(checkpoint.resolve()), "method": config.continual.method,
@@ -309,6 +350,7 @@ def finish_task(module: MILModule, config: TrainConfig, data: MILDataModule, run
     if chosen.strategy.remembers:
         items = _train_items(data, len(chosen.records) - 1)
         chosen.strategy.after_task(chosen, data.train_dataloader(), items)
+        _store_buffer(chosen, run_dir)
     chosen.strategy.state["tasks_done"] = sorted(
         {*chosen.strategy.state.get("tasks_done", []), chosen.task.name}
     )
