@@ -8,6 +8,7 @@ import io
 import pytest
 import torch
 from test_adapters_core import TARGETS, make_mlp, train_steps
+from torch import nn
 
 import pathopeft.adapters as pa
 
@@ -81,3 +82,17 @@ def test_suffix_targets_and_all_linear() -> None:
     vit = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, depth=1, num_classes=3)
     names = pa.attach(vit, "lora", targets="all-linear", rank=2)
     assert names == ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
+
+
+def test_conv2d_subclasses_that_override_forward_are_refused() -> None:
+    """timm's Conv2dSame pads in forward ("same" padding computed from the input size); wrapping it as a
+    plain Conv2d would run the adapter's convolution with padding 0 and change the output size/shift."""
+    timm = pytest.importorskip("timm")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), timm.layers.Conv2dSame(8, 8, 3, stride=2))
+    before = dict(model.named_modules())
+    with pytest.raises(
+        pa.AdapterError, match=r"1: Conv2dSame is an nn\.Conv2d subclass that overrides forward"
+    ):
+        pa.attach(model, "lora", targets=r"0|1", rank=2)
+    assert dict(model.named_modules()) == before  # nothing wrapped, not even the plain conv
+    assert pa.attach(model, "lora", targets="0", rank=2) == ["0"]  # a plain Conv2d still works

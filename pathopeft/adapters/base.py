@@ -145,6 +145,17 @@ class LayerGeometry:
         if isinstance(module, nn.Linear):
             return cls("linear", module.out_features, module.in_features, tuple(module.weight.shape))
         if isinstance(module, nn.Conv2d):
+            overridden = [
+                method
+                for method in ("forward", "_conv_forward")
+                if getattr(type(module), method) is not getattr(nn.Conv2d, method)
+            ]
+            if overridden:
+                raise AdapterError(
+                    f"{name}: {type(module).__name__} is an nn.Conv2d subclass that overrides "
+                    f"{' and '.join(overridden)} (e.g. timm's Conv2dSame pads dynamically); the adapter's "
+                    "convolution would use the plain padding attribute and lose that logic, so it is refused"
+                )
             if module.groups != 1:
                 raise AdapterError(
                     f"{name}: grouped/depthwise Conv2d (groups={module.groups}) is not supported"
