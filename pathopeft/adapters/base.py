@@ -244,7 +244,8 @@ class AdapterModule(nn.Module):
     def __init__(self, geometry: LayerGeometry, config: AdapterConfig) -> None:
         super().__init__()
         self.geometry = geometry
-        self.config = config
+        self.config = config  # this layer's options (per-layer overrides applied)
+        self.adapter_config = config  # the adapter-wide options, as saved (set by AdapterConfig.build)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's additive contribution to the layer output, ``ΔW x``."""

@@ -96,9 +96,9 @@ def save(
                 f"{layer_name}: the base weights changed since the adapter was attached; "
                 "an adapter alone cannot reproduce this model (save the full model instead)"
             )
-        if config is not None and adapter.config != config:  # attach refuses this; guard edited models
+        if config is not None and adapter.adapter_config != config:  # attach refuses this; guard edits
             raise AdapterError(f"{layer_name}: adapter {name!r} has other options here than on other layers")
-        config = adapter.config
+        config = adapter.adapter_config
         num_parameters += adapter.num_parameters()
         for key, tensor in adapter.state_dict().items():
             tensors[f"{layer_name}.{key}"] = tensor.detach().to("cpu").contiguous().clone()
@@ -250,6 +250,7 @@ def load(
         raise AdapterError(f"{weights_file}: adapter weights not found")
     try:
         config = make_config(document["method"], **document["options"])
+        config.check_patterns(document["layers"])
     except AdapterError as exc:
         raise AdapterError(f"{folder / CONFIG_NAME}: {exc}") from None
     name = name or document["name"]

@@ -188,7 +188,7 @@ def attach(
         raise AdapterError("pass either a config object or keyword options, not both")
     if not NAME_PATTERN.fullmatch(name):
         raise AdapterError(f"adapter name {name!r} may only use letters, digits, '_' and '-'")
-    existing = next((a.config for _, _, a in adapter_modules(model, name)), None)
+    existing = next((a.adapter_config for _, _, a in adapter_modules(model, name)), None)
     if existing is not None and existing != config:
         raise AdapterError(
             f"an adapter named {name!r} already exists on this model ({existing.method}, other options); "
@@ -208,6 +208,7 @@ def attach(
             "nn.Conv2d layers can be wrapped; narrow the target pattern"
         )
     _refuse_bypassed(model, [n for n, _ in matched])
+    config.check_patterns([n for n, _, _ in adapter_modules(model, name)] + [n for n, _ in matched])
     layers: list[tuple[str, AdaptedLayer, bool]] = []
     for layer_name, module in matched:  # build everything first: a failure leaves the model untouched
         is_new = not isinstance(module, AdaptedLayer)
