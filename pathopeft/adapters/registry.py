@@ -227,6 +227,7 @@ class AdapterSpec(StrictModel):
     targets: str | list[str] = r".*blocks\.\d+\.attn\.(qkv|proj)"  # full-match regex(es) over module names
     exclude: str | list[str] | None = None  # full-match regex(es) of module names to skip
     name: str = "default"  # adapter name (several can live on one model)
+    modules_to_save: str | list[str] | None = None  # modules trained whole and saved with the adapter
     options: dict[str, Any] = Field(default_factory=dict)  # method options, see the method's config
 
     @model_validator(mode="after")
@@ -245,4 +246,11 @@ class AdapterSpec(StrictModel):
     def attach(self, model: Any) -> list[str]:
         from pathopeft.adapters.model import attach
 
-        return attach(model, self.config(), targets=self.targets, exclude=self.exclude, name=self.name)
+        return attach(
+            model,
+            self.config(),
+            targets=self.targets,
+            exclude=self.exclude,
+            name=self.name,
+            modules_to_save=self.modules_to_save,
+        )
