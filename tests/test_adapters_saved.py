@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -136,6 +137,9 @@ def test_two_adapters_with_their_own_copies_switch_together(x: torch.Tensor, tmp
     with pytest.warns(UserWarning, match=r"\['a', 'b'\] are active and each has its own copy of 'head'"):
         pa.set_active(model, ["a", "b"])
     assert model.head.current_name() == "b"
+    assert model.head.weight is head_copy(model, "b").weight  # attributes come from the running copy
+    clone = copy.deepcopy(model)
+    assert torch.equal(clone(x), model(x)) and clone.head.modules_to_save["a"] is not head_copy(model, "a")
     saved = {name: pa.save(model, tmp_path / name, name=name) for name in ("a", "b")}
     fresh = make_mlp()
     pa.load(fresh, saved["a"])

@@ -41,7 +41,9 @@ class SavedModule(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("original_module", "modules_to_save"):
+            # own state and dunders never fall through: a half-built instance (deepcopy, unpickling)
+            # would otherwise recurse through current()
+            if name in ("original_module", "modules_to_save", "active", "disabled") or name.startswith("__"):
                 raise
             return getattr(self.current(), name)
 
