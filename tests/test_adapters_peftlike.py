@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 
 import pytest
+import timm  # a required dependency: missing fails, not skips
 import torch
 from test_adapters_core import TARGETS, make_mlp, train_steps
 from torch import nn
@@ -78,7 +79,6 @@ def test_suffix_targets_and_all_linear() -> None:
     everything = make_mlp()
     # every nn.Linear but the output layer (here the last one, "head")
     assert pa.attach(everything, "lora", targets="all-linear", rank=2) == ["net.0", "net.2"]
-    timm = pytest.importorskip("timm")
     vit = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, depth=1, num_classes=3)
     names = pa.attach(vit, "lora", targets="all-linear", rank=2)
     assert names == ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
@@ -112,7 +112,6 @@ def test_conv2d_subclasses_that_override_forward_are_refused() -> None:
 def test_timm_conv2d_same_keeps_its_dynamic_padding(method: str, options: dict, size: int) -> None:
     """timm's Conv2dSame pads in forward from the input size (padding attribute 0). The adapter's
     convolution must pad the same way: adapted output == the layer run with W + ΔW (merged)."""
-    timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = nn.Sequential(timm.layers.Conv2dSame(4, 6, 3, stride=2))
     x = torch.randn(2, 4, size, size)
@@ -129,7 +128,6 @@ def test_timm_conv2d_same_keeps_its_dynamic_padding(method: str, options: dict, 
 
 def test_tf_efficientnet_stem_can_be_adapted() -> None:
     """The encoder of the shipped CNN segmentation configs: its stride-2 stem is a Conv2dSame."""
-    timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0).eval()
     assert type(net.conv_stem).__name__ == "Conv2dSame"
