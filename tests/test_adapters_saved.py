@@ -101,6 +101,8 @@ def test_saved_module_tensors_are_verified_like_the_rest(x: torch.Tensor, tmp_pa
     )
     document["modules_to_save"] = {"head.original_module": "Linear"}
     refused(edited("inside", tensors, document=document), "inside an adapter wrapper")
+    document["modules_to_save"] = {"net": "Sequential"}
+    refused(edited("holds", tensors, document=document), r"modules_to_save 'net' overlaps 'net\.0'")
 
     class Headless(nn.Module):
         def __init__(self) -> None:

@@ -202,6 +202,12 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
             raise AdapterError(
                 f"{file}: modules_to_save {module_name!r} names a module inside an adapter wrapper"
             )
+        nested = [o for o in [*to_save, *document["layers"]] if o.startswith(module_name + ".")]
+        if nested or module_name in document["layers"]:
+            raise AdapterError(
+                f"{file}: modules_to_save {module_name!r} overlaps {(nested or [module_name])[0]!r} "
+                "(a module is saved whole once, and never holds or is an adapted layer)"
+            )
     for layer_name, info in document["layers"].items():
         missing = [k for k in LAYER_KEYS if not isinstance(info, dict) or k not in info]
         if missing:
