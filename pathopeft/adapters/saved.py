@@ -136,13 +136,14 @@ def _full_match(pattern: str, name: str) -> bool:
 def check_module_to_save(
     model: nn.Module, name: str, module: nn.Module, adapter_name: str, targets: Sequence[str]
 ) -> None:
+    """Raise when ``module`` (at ``name``) cannot get a copy for ``adapter_name``."""
     if isinstance(module, AdaptedLayer) or name in targets:
         raise AdapterError(
             f"modules_to_save {name!r} is an adapted layer: a module is either a target (adapter on a frozen "
             "base) or in modules_to_save (a full trainable copy), not both"
         )
     inner = module.original_module if isinstance(module, SavedModule) else module
-    nested = [n for n, m in inner.named_modules() if isinstance(m, (AdaptedLayer, SavedModule))]
+    nested = [f"{name}.{n}" for n, m in inner.named_modules() if isinstance(m, (AdaptedLayer, SavedModule))]
     nested += [t for t in targets if t.startswith(name + ".")]
     if nested:
         raise AdapterError(
