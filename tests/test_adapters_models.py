@@ -5,11 +5,10 @@ from __future__ import annotations
 import copy
 
 import pytest
+import timm  # a required dependency: a missing timm fails here, it is not skipped
 import torch
 
 import pathopeft.adapters as pa
-
-timm = pytest.importorskip("timm")
 
 VIT_TARGETS = r"blocks\.\d+\.attn\.(qkv|proj)"
 SAM_TARGETS = r"blocks\.0\.attn\.(qkv|proj)|neck\.(0|2)"

@@ -96,3 +96,43 @@ def test_print_trainable_parameters_matches_peft(capsys) -> None:
     theirs.print_trainable_parameters()
     peft_line = capsys.readouterr().out.strip()
     assert pa.print_trainable_parameters(ours) == peft_line
+
+
+def test_modules_to_save_and_rank_pattern_match_peft() -> None:
+    """Same state-dict layout for a head trained whole, same per-layer ranks, same counts as peft."""
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=4)
+    theirs = peft.get_peft_model(
+        copy.deepcopy(vit),
+        peft.LoraConfig(
+            r=2,
+            lora_alpha=2,
+            target_modules=["qkv", "proj"],
+            rank_pattern={"blocks.1.attn.qkv": 6},
+            alpha_pattern={"proj": 3.0},
+            modules_to_save=["head"],
+        ),
+    )
+    ours = copy.deepcopy(vit)
+    pa.attach(
+        ours,
+        "lora",
+        targets=["qkv", "proj"],
+        rank=2,
+        alpha=2.0,
+        rank_pattern={r"blocks\.1\.attn\.qkv": 6},
+        alpha_pattern={"proj": 3.0},
+        modules_to_save=["head"],
+    )
+    reference = theirs.base_model.model
+    head_keys = {k for k in reference.state_dict() if k.startswith("head.")}
+    assert {k for k in ours.state_dict() if k.startswith("head.")} == head_keys
+    assert "head.modules_to_save.default.weight" in head_keys
+    for name in ("blocks.0.attn.qkv", "blocks.1.attn.qkv", "blocks.1.attn.proj"):
+        mine = ours.get_submodule(name).adapters["default"]
+        ref = reference.get_submodule(name)
+        assert mine.lora_A.shape == ref.lora_A["default"].weight.shape, name
+        assert mine.scaling == ref.scaling["default"], name
+    trainable, total = theirs.get_nb_trainable_parameters()
+    info = pa.trainable_parameters(ours)
+    assert (info["trainable"], info["total"]) == (trainable, total)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import io
 
 import pytest
+import timm  # a required dependency: missing fails, not skips
 import torch
 from test_adapters_core import TARGETS, make_mlp, train_steps
+from torch import nn
 
 import pathopeft.adapters as pa
 
@@ -77,7 +79,65 @@ def test_suffix_targets_and_all_linear() -> None:
     everything = make_mlp()
     # every nn.Linear but the output layer (here the last one, "head")
     assert pa.attach(everything, "lora", targets="all-linear", rank=2) == ["net.0", "net.2"]
-    timm = pytest.importorskip("timm")
     vit = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, depth=1, num_classes=3)
     names = pa.attach(vit, "lora", targets="all-linear", rank=2)
     assert names == ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
+
+
+class ReflectConv(nn.Conv2d):
+    """A Conv2d subclass with its own forward (reflect padding done by hand)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(nn.functional.pad(x, (1, 1, 1, 1), mode="reflect"))
+
+
+def test_conv2d_subclasses_that_override_forward_are_refused() -> None:
+    """A Conv2d subclass with its own forward would be adapted with the plain padding attribute (its
+    padding logic lost): refused, naming the layer, before anything is wrapped."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ReflectConv(8, 8, 3))
+    before = dict(model.named_modules())
+    with pytest.raises(
+        pa.AdapterError, match=r"1: ReflectConv is an nn\.Conv2d subclass that overrides forward"
+    ):
+        pa.attach(model, "lora", targets=r"0|1", rank=2)
+    assert dict(model.named_modules()) == before  # nothing wrapped, not even the plain conv
+    assert pa.attach(model, "lora", targets="0", rank=2) == ["0"]  # a plain Conv2d still works
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("lora", {"rank": 2}), ("salt", {"rank": 2, "lora_rank": 2}), ("svfit", {}), ("wara", {"rank": 1})],
+)
+@pytest.mark.parametrize("size", [9, 10])  # odd/even input: TF "same" pads asymmetrically (extra at the end)
+def test_timm_conv2d_same_keeps_its_dynamic_padding(method: str, options: dict, size: int) -> None:
+    """timm's Conv2dSame pads in forward from the input size (padding attribute 0). The adapter's
+    convolution must pad the same way: adapted output == the layer run with W + ΔW (merged)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(timm.layers.Conv2dSame(4, 6, 3, stride=2))
+    x = torch.randn(2, 4, size, size)
+    pa.attach(model, method, targets="0", **options)
+    with torch.no_grad():  # a non-zero update in every method's parameters
+        for p in model[0].adapters["default"].parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        adapted = model(x)
+        pa.merge(model)
+        merged = model(x)  # Conv2dSame's own forward with the merged weight
+    assert adapted.shape == merged.shape == (2, 6, (size + 1) // 2, (size + 1) // 2)
+    torch.testing.assert_close(adapted, merged, rtol=1e-4, atol=1e-5)
+
+
+def test_tf_efficientnet_stem_can_be_adapted() -> None:
+    """The encoder of the shipped CNN segmentation configs: its stride-2 stem is a Conv2dSame."""
+    torch.manual_seed(0)
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0).eval()
+    assert type(net.conv_stem).__name__ == "Conv2dSame"
+    x = torch.randn(1, 3, 45, 45)
+    with torch.no_grad():
+        base = net(x)
+        pa.attach(net, "lora", targets=["conv_stem"], rank=4)
+        assert torch.equal(net(x), base)  # exact at initialisation
+        net.conv_stem.adapters["default"].lora_B.normal_(0, 0.1)
+        adapted = net(x)
+        pa.merge(net)
+        torch.testing.assert_close(net(x), adapted, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(adapted, base)

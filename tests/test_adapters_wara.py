@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import pywt  # PyWavelets is a required dependency (the reference here): missing fails, not skips
 import torch
 from torch import nn
 
 import pathopeft.adapters as pa
 from pathopeft.adapters.wavelets import dwt1, dwt2, get_wavelet, idwt1, idwt2
-
-pywt = pytest.importorskip("pywt")
 
 
 @pytest.mark.parametrize("name", ["haar", "db2", "sym4", "coif1"])

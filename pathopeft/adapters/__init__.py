@@ -7,6 +7,7 @@
     pa.merge(model); pa.unmerge(model)
     pa.save(model, "out_dir", name="default")  # adapter_config.json + adapter_model.safetensors
     pa.load(model, "out_dir")                  # returns the adapter's name
+    pa.attach(model, "lora", targets="all-linear", modules_to_save=["head"], rank_pattern={"qkv": 16})
 
 Importing this package pulls in torch, pydantic and safetensors only (no transformers/peft).
 """
@@ -27,6 +28,7 @@ from pathopeft.adapters.model import (
     merge_and_unload,
     print_trainable_parameters,
     regularization,
+    saved_modules,
     set_active,
     set_trainable,
     trainable_parameters,
@@ -42,6 +44,7 @@ from pathopeft.adapters.registry import (
     register_method,
 )
 from pathopeft.adapters.salt import SaltConfig
+from pathopeft.adapters.saved import SavedModule
 from pathopeft.adapters.svfit import SvfitConfig
 from pathopeft.adapters.wara import WaraConfig
 
@@ -57,6 +60,7 @@ __all__ = [
     "LoraConfig",
     "OwloraConfig",
     "SaltConfig",
+    "SavedModule",
     "SvfitConfig",
     "WaraConfig",
     "active_adapters",
@@ -80,6 +84,7 @@ __all__ = [
     "regularization",
     "salt",
     "save",
+    "saved_modules",
     "set_active",
     "set_trainable",
     "svfit",

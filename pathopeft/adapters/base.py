@@ -118,6 +118,28 @@ def check_svd(weight: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.
     return None
 
 
+def _is_timm_conv2d_same(module: nn.Module) -> bool:
+    """timm's ``Conv2dSame`` (by class, without importing timm): forward = TF "same" pad + conv, padding 0."""
+    cls = type(module)
+    return cls.__name__ == "Conv2dSame" and cls.__module__.startswith("timm.")
+
+
+def pad_same(
+    x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
+) -> torch.Tensor:
+    """TensorFlow's "same" zero padding for a convolution, as timm's ``pad_same`` computes it.
+
+    Per side: total ``max((ceil(size / stride) − 1)·stride + (k − 1)·dilation + 1 − size, 0)``,
+    split with the extra pixel at the end (bottom/right).
+    """
+    pads = []
+    for size, k, s, d in zip(x.shape[-2:], kernel, stride, dilation):
+        total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        pads.append((total // 2, total - total // 2))
+    (top, bottom), (left, right) = pads
+    return F.pad(x, (left, right, top, bottom)) if top or bottom or left or right else x
+
+
 def kaiming_uniform(rows: int, cols: int) -> torch.Tensor:
     """``rows × cols`` matrix initialised exactly like HF PEFT's ``lora_A`` (Kaiming-uniform, a=√5)."""
     weight = torch.empty(rows, cols)
@@ -137,6 +159,7 @@ class LayerGeometry:
     in_features: int
     weight_shape: tuple[int, ...]
     conv: tuple[Any, ...] | None = None  # (in_channels, kernel_size, stride, padding, dilation)
+    pad_same: bool = False  # timm's Conv2dSame: TensorFlow "same" padding computed from the input size
 
     SUPPORTED = ("linear", "conv2d")
 
@@ -145,6 +168,19 @@ class LayerGeometry:
         if isinstance(module, nn.Linear):
             return cls("linear", module.out_features, module.in_features, tuple(module.weight.shape))
         if isinstance(module, nn.Conv2d):
+            overridden = [
+                method
+                for method in ("forward", "_conv_forward")
+                if getattr(type(module), method) is not getattr(nn.Conv2d, method)
+            ]
+            pad_same = _is_timm_conv2d_same(module)
+            if overridden and not pad_same:
+                raise AdapterError(
+                    f"{name}: {type(module).__name__} is an nn.Conv2d subclass that overrides "
+                    f"{' and '.join(overridden)} (its own padding or convolution); the adapter's convolution "
+                    "would use the plain padding attribute and lose that logic, so it is refused "
+                    "(timm's Conv2dSame is supported: its TensorFlow 'same' padding is reproduced)"
+                )
             if module.groups != 1:
                 raise AdapterError(
                     f"{name}: grouped/depthwise Conv2d (groups={module.groups}) is not supported"
@@ -154,7 +190,12 @@ class LayerGeometry:
             kh, kw = module.kernel_size
             conv = (module.in_channels, module.kernel_size, module.stride, module.padding, module.dilation)
             return cls(
-                "conv2d", module.out_channels, module.in_channels * kh * kw, tuple(module.weight.shape), conv
+                "conv2d",
+                module.out_channels,
+                module.in_channels * kh * kw,
+                tuple(module.weight.shape),
+                conv,
+                pad_same,
             )
         raise AdapterError(
             f"{name}: layer type {type(module).__name__} is not supported "
@@ -191,6 +232,8 @@ class LayerGeometry:
             return F.linear(x, matrix)
         cin, (kh, kw), stride, padding, dilation = self.conv  # type: ignore[misc]
         kernel = matrix.reshape(matrix.shape[0], cin, kh, kw)
+        if self.pad_same:
+            x, padding = pad_same(x, (kh, kw), stride, dilation), 0
         return F.conv2d(x, kernel, None, stride, padding, dilation)
 
     def up(self, h: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
@@ -233,7 +276,8 @@ class AdapterModule(nn.Module):
     def __init__(self, geometry: LayerGeometry, config: AdapterConfig) -> None:
         super().__init__()
         self.geometry = geometry
-        self.config = config
+        self.config = config  # this layer's options (per-layer overrides applied)
+        self.adapter_config = config  # the adapter-wide options, as saved (set by AdapterConfig.build)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's additive contribution to the layer output, ``ΔW x``."""

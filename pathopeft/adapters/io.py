@@ -5,8 +5,10 @@ adapted layer (kind, weight shape, per-layer meta such as SVFit's rank, base-wei
 ``base_hash`` (sha256 over the sorted ``"<layer>:<layer hash>"`` lines, see :func:`layer_hash`).
 ``adapter_model.safetensors``: every parameter AND buffer of the adapter (SVD factors included:
 recomputing an SVD elsewhere can flip signs), keyed ``<layer name>.<tensor name>``; optional
-"extra" base parameters the caller also trained (norms, positional embeddings: HF PEFT's
-``modules_to_save``) under ``__extra__.<parameter name>``.
+"extra" base parameters the caller also trained (norms, positional embeddings) under
+``__extra__.<parameter name>``; the adapter's ``modules_to_save`` copies (every parameter and
+buffer) under ``__module__.<module name>.<key>``, listed in the config as
+``"modules_to_save": {module name: class name}`` and covered by the same metadata hash.
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ from pathopeft.adapters.model import (
     adapted_layers,
     adapter_modules,
     adapter_names,
+    install_copies,
+    saved_modules,
 )
 from pathopeft.adapters.registry import NAME_PATTERN, make_config
+from pathopeft.adapters.saved import INTERNAL_NAMES, SavedModule, check_module_to_save, fresh_copy
 from pathopeft.files import atomic_path, atomic_write_json
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "base_hash", "load", "read_adapter_config", "save"]
@@ -39,6 +44,7 @@ __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "base_hash", "load", "read_adapter_con
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 EXTRA_PREFIX = "__extra__."
+MODULE_PREFIX = "__module__."
 LAYER_KEYS = ("kind", "weight_shape", "hash")  # what every per-layer entry must have
 FORMAT = "pathopeft-adapter"
 VERSION = 1
@@ -66,7 +72,7 @@ def content_hash(document: dict[str, Any], tensor_names: list[str]) -> str:
 
 def _plain_name(parameter_name: str) -> str:
     """Parameter name as in the unwrapped model (``x.qkv.base_layer.bias`` -> ``x.qkv.bias``)."""
-    return parameter_name.replace(".base_layer.", ".")
+    return parameter_name.replace(".base_layer.", ".").replace(".original_module.", ".")
 
 
 def save(
@@ -96,9 +102,9 @@ def save(
                 f"{layer_name}: the base weights changed since the adapter was attached; "
                 "an adapter alone cannot reproduce this model (save the full model instead)"
             )
-        if config is not None and adapter.config != config:  # attach refuses this; guard edited models
+        if config is not None and adapter.adapter_config != config:  # attach refuses this; guard edits
             raise AdapterError(f"{layer_name}: adapter {name!r} has other options here than on other layers")
-        config = adapter.config
+        config = adapter.adapter_config
         num_parameters += adapter.num_parameters()
         for key, tensor in adapter.state_dict().items():
             tensors[f"{layer_name}.{key}"] = tensor.detach().to("cpu").contiguous().clone()
@@ -112,6 +118,14 @@ def save(
     assert config is not None
     extras = _extra_tensors(model, extra_parameters)
     tensors.update({EXTRA_PREFIX + key: value for key, value in extras.items()})
+    saved: dict[str, str] = {}
+    for module_name, wrapper in saved_modules(model):
+        if name in wrapper.modules_to_save:
+            saved[module_name] = type(wrapper.original_module).__name__
+            for key, tensor in wrapper.modules_to_save[name].state_dict().items():
+                tensors[f"{MODULE_PREFIX}{module_name}.{key}"] = (
+                    tensor.detach().to("cpu").contiguous().clone()
+                )
     document = {
         "format": FORMAT,
         "version": VERSION,
@@ -122,6 +136,7 @@ def save(
         "layers": layers,
         "num_parameters": num_parameters,
         "extra_parameters": sorted(extras),
+        "modules_to_save": saved,
     }
     with atomic_path(out / WEIGHTS_NAME) as tmp:
         metadata = {"format": "pt", "method": config.method, "name": name}
@@ -141,7 +156,7 @@ def _extra_tensors(model: nn.Module, pattern: str | None) -> dict[str, torch.Ten
     found = {
         _plain_name(n): p.detach().to("cpu").contiguous().clone()
         for n, p in model.named_parameters()
-        if ".adapters." not in n and regex.fullmatch(_plain_name(n))
+        if ".adapters." not in n and ".modules_to_save." not in n and regex.fullmatch(_plain_name(n))
     }
     if not found:
         raise AdapterError(f"extra_parameters pattern {pattern!r} matched no base parameter")
@@ -177,12 +192,28 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     extras = document.get("extra_parameters", [])
     if not isinstance(extras, list) or not all(isinstance(k, str) for k in extras):
         raise AdapterError(f"{file}: field 'extra_parameters' must be a list of parameter names")
+    to_save = document.get("modules_to_save", {})
+    if not isinstance(to_save, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in to_save.items()
+    ):
+        raise AdapterError(f"{file}: field 'modules_to_save' must map module names to class names")
+    for module_name in to_save:
+        if not module_name or any(part in f".{module_name}." for part in INTERNAL_NAMES):
+            raise AdapterError(
+                f"{file}: modules_to_save {module_name!r} names a module inside an adapter wrapper"
+            )
+        nested = [o for o in [*to_save, *document["layers"]] if o.startswith(module_name + ".")]
+        if nested or module_name in document["layers"]:
+            raise AdapterError(
+                f"{file}: modules_to_save {module_name!r} overlaps {(nested or [module_name])[0]!r} "
+                "(a module is saved whole once, and never holds or is an adapted layer)"
+            )
     for layer_name, info in document["layers"].items():
         missing = [k for k in LAYER_KEYS if not isinstance(info, dict) or k not in info]
         if missing:
             raise AdapterError(f"{file}: layer {layer_name!r} lacks {', '.join(missing)}")
         where = f"{file}: layer {layer_name!r}:"
-        if ".base_layer" in f".{layer_name}." or ".adapters." in f".{layer_name}.":
+        if any(part in f".{layer_name}." for part in INTERNAL_NAMES):
             raise AdapterError(f"{where} names a module inside an adapter wrapper")
         if info["kind"] not in LayerGeometry.SUPPORTED:
             raise AdapterError(f"{where} field 'kind' must be one of {LayerGeometry.SUPPORTED}")
@@ -201,6 +232,12 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     return document
 
 
+def _inside_wrapper(model: nn.Module, module_name: str) -> bool:
+    """Does ``module_name`` lie inside an adapted layer or a modules_to_save wrapper?"""
+    wrappers = [n for n, _ in adapted_layers(model)] + [n for n, _ in saved_modules(model)]
+    return any(module_name.startswith(f"{wrapped}.") for wrapped in wrappers)
+
+
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
@@ -213,7 +250,12 @@ def _check_tensors(
     for key, tensor in tensors.items():
         if key not in expected:
             continue
-        if not tensor.is_floating_point():
+        if not expected[key].is_floating_point():  # e.g. BatchNorm's num_batches_tracked in a saved module
+            if tensor.dtype != expected[key].dtype:
+                problems.append(
+                    f"tensor {key!r} has dtype {tensor.dtype}, the module uses {expected[key].dtype}"
+                )
+        elif not tensor.is_floating_point():
             problems.append(
                 f"tensor {key!r} has dtype {tensor.dtype}; adapter tensors must be floating point"
             )
@@ -250,6 +292,7 @@ def load(
         raise AdapterError(f"{weights_file}: adapter weights not found")
     try:
         config = make_config(document["method"], **document["options"])
+        config.check_patterns(document["layers"])
     except AdapterError as exc:
         raise AdapterError(f"{folder / CONFIG_NAME}: {exc}") from None
     name = name or document["name"]
@@ -277,7 +320,7 @@ def load(
         if module is None:
             problems.append(f"{layer_name}: no such module in {type(model).__name__}")
             continue
-        if any(layer_name.startswith(f"{wrapped}.") for wrapped, _ in adapted_layers(model)):
+        if _inside_wrapper(model, layer_name):
             problems.append(f"{layer_name}: lies inside an adapter wrapper; name the wrapped layer instead")
             continue
         layer = module if isinstance(module, AdaptedLayer) else None
@@ -298,7 +341,30 @@ def load(
             problems.append(f"{layer_name}: base weights differ from the ones the adapter was trained on")
             continue
         built.append((layer_name, module, geometry, info))
-    base_params = {_plain_name(n): p for n, p in model.named_parameters() if ".adapters." not in n}
+    copies = []
+    for module_name, class_name in document.get("modules_to_save", {}).items():
+        module = modules.get(module_name)
+        if module is None or _inside_wrapper(model, module_name):
+            where = "no such module" if module is None else "lies inside an adapter wrapper"
+            problems.append(f"modules_to_save {module_name}: {where} in {type(model).__name__}")
+            continue
+        original = module.original_module if isinstance(module, SavedModule) else module
+        if type(original).__name__ != class_name:
+            problems.append(
+                f"modules_to_save {module_name}: saved from a {class_name}, found a {type(original).__name__}"
+            )
+            continue
+        try:
+            check_module_to_save(model, module_name, module, name, list(document["layers"]))
+        except AdapterError as exc:
+            problems.append(str(exc))
+            continue
+        copies.append((module_name, module, fresh_copy(module)))
+    base_params = {
+        _plain_name(n): p
+        for n, p in model.named_parameters()
+        if ".adapters." not in n and ".modules_to_save." not in n
+    }
     for key in document.get("extra_parameters", []):
         target = base_params.get(key)
         saved = tensors.get(EXTRA_PREFIX + key)
@@ -327,6 +393,13 @@ def load(
         for key, value in adapter.state_dict().items()
     }
     expected.update({EXTRA_PREFIX + key: base_params[key] for key in document.get("extra_parameters", [])})
+    expected.update(
+        {
+            f"{MODULE_PREFIX}{module_name}.{key}": value
+            for module_name, _, module_copy in copies
+            for key, value in module_copy.state_dict().items()
+        }
+    )
     problems = _check_tensors(weights_file, tensors, expected)
     if problems:
         shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
@@ -342,6 +415,15 @@ def load(
         if verify_hash and (reason := adapter.check_factors(geometry.as_matrix(base.weight))) is not None:
             raise AdapterError(f"{weights_file}: {layer_name}: {reason}")
         ready.append((layer_name, module, adapter))
+    for module_name, _, module_copy in copies:
+        prefix = f"{MODULE_PREFIX}{module_name}."
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            module_copy.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise AdapterError(
+                f"{weights_file}: tensors for modules_to_save {module_name} do not fit: {exc}"
+            ) from None
     for layer_name, module, adapter in ready:
         layer = module if isinstance(module, AdaptedLayer) else AdaptedLayer(module, layer_name)
         if layer is not module:
@@ -349,12 +431,15 @@ def load(
         weight = layer.base_layer.weight
         adapter.to(device=weight.device)
         layer.add(name, adapter)
+    install_copies(model, name, copies)
     with torch.no_grad():
         for key in document.get("extra_parameters", []):
             base_params[key].copy_(tensors[EXTRA_PREFIX + key])
     _freeze_base(model)
     for _, _, adapter in adapter_modules(model, name):
         adapter.requires_grad_(trainable)
+    for _, _, module_copy in copies:
+        module_copy.requires_grad_(trainable)
     hook = getattr(config, "after_load", None)
     if hook is not None:
         hook(model, name)

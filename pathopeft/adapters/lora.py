@@ -54,6 +54,8 @@ class LoraConfig(AdapterConfig):
     method: ClassVar[str] = "lora"
     layer_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv2d")
     module_cls: ClassVar[type[AdapterModule]] = LoraModule
+    rank_field: ClassVar[str | None] = "rank"
+    alpha_field: ClassVar[str | None] = "alpha"
 
     rank: int = Field(8, gt=0)  # r; HF PEFT's default
     alpha: float = Field(8.0, gt=0)  # scaling α/r (PEFT's lora_alpha, default 8)

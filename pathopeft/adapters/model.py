@@ -17,6 +17,7 @@ from torch import nn
 
 from pathopeft.adapters.base import AdaptedLayer, AdapterError, AdapterModule, float32_svd_many
 from pathopeft.adapters.registry import NAME_PATTERN, AdapterConfig, make_config
+from pathopeft.adapters.saved import SavedModule, fresh_copy, select_modules_to_save, warn_if_ambiguous
 
 __all__ = [
     "active_adapters",
@@ -30,6 +31,7 @@ __all__ = [
     "merge_and_unload",
     "print_trainable_parameters",
     "regularization",
+    "saved_modules",
     "set_active",
     "set_trainable",
     "trainable_parameters",
@@ -63,11 +65,20 @@ def adapter_modules(model: nn.Module, name: str) -> Iterator[tuple[str, AdaptedL
             yield layer_name, layer, layer.adapters[name]  # type: ignore[misc]
 
 
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
+    """Every ``modules_to_save`` wrapper of ``model`` with its module name."""
+    for name, module in model.named_modules():
+        if isinstance(module, SavedModule):
+            yield name, module
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     """All adapter names on the model, in the order they were attached."""
     seen: dict[str, None] = {}
     for _, layer in adapted_layers(model):
         seen.update(dict.fromkeys(layer.adapters))
+    for _, wrapper in saved_modules(model):
+        seen.update(dict.fromkeys(wrapper.modules_to_save))
     return list(seen)
 
 
@@ -85,7 +96,7 @@ def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         if not name or any(name.startswith(prefix) for prefix in inside):
             continue
         yield name, module
-        if isinstance(module, AdaptedLayer):
+        if isinstance(module, (AdaptedLayer, SavedModule)):
             inside.append(name + ".")
 
 
@@ -171,9 +182,15 @@ def attach(
     *,
     name: str = "default",
     exclude: Patterns = None,
+    modules_to_save: Patterns = None,
     **options: Any,
 ) -> list[str]:
     """Add adapter ``name`` of ``method`` to every module whose name full-matches ``targets``.
+
+    ``modules_to_save`` (HF PEFT's option, e.g. ``["head"]``): modules trained whole alongside the
+    adapter, matched like targets (a list entry: full-match regex or dotted name suffix). Each gets a
+    trainable full copy for ``name`` (see :mod:`pathopeft.adapters.saved`) that :func:`save` stores
+    with the adapter; forward uses the copy of the active adapter, so switching adapters switches it.
 
     ``method`` is a registered method name (``options`` are its config fields) or a ready config.
     Returns the adapted module names. Afterwards every parameter that is not an adapter parameter
@@ -188,7 +205,7 @@ def attach(
         raise AdapterError("pass either a config object or keyword options, not both")
     if not NAME_PATTERN.fullmatch(name):
         raise AdapterError(f"adapter name {name!r} may only use letters, digits, '_' and '-'")
-    existing = next((a.config for _, _, a in adapter_modules(model, name)), None)
+    existing = next((a.adapter_config for _, _, a in adapter_modules(model, name)), None)
     if existing is not None and existing != config:
         raise AdapterError(
             f"an adapter named {name!r} already exists on this model ({existing.method}, other options); "
@@ -208,6 +225,11 @@ def attach(
             "nn.Conv2d layers can be wrapped; narrow the target pattern"
         )
     _refuse_bypassed(model, [n for n, _ in matched])
+    config.check_patterns([n for n, _, _ in adapter_modules(model, name)] + [n for n, _ in matched])
+    to_save = select_modules_to_save(
+        model, modules_to_save, _candidates(model), name, [n for n, _ in matched]
+    )
+    copies = [(module_name, module, fresh_copy(module)) for module_name, module in to_save]
     layers: list[tuple[str, AdaptedLayer, bool]] = []
     for layer_name, module in matched:  # build everything first: a failure leaves the model untouched
         is_new = not isinstance(module, AdaptedLayer)
@@ -228,17 +250,37 @@ def attach(
         if is_new:
             _set_submodule(model, layer_name, layer)
         layer.add(name, adapter)
+    install_copies(model, name, copies)
     _freeze_base(model)
     for _, _, _, adapter in built:
         adapter.requires_grad_(True)
+    for _, _, module_copy in copies:
+        module_copy.requires_grad_(True)
     hook = getattr(config, "after_attach", None)
     if hook is not None:
         hook(model, name)
     return [layer_name for layer_name, *_ in built]
 
 
+def install_copies(model: nn.Module, name: str, copies: Sequence[tuple[str, nn.Module, nn.Module]]) -> None:
+    """Put each ``(module name, module, copy)``'s copy into the model as adapter ``name``'s (active)."""
+    for module_name, module, module_copy in copies:
+        wrapper = module if isinstance(module, SavedModule) else SavedModule(module)
+        if wrapper is not module:
+            _set_submodule(model, module_name, wrapper)
+        wrapper.add(name, module_copy)
+        warn_if_ambiguous(module_name, wrapper)
+
+
+def _adapter_parameters(model: nn.Module) -> set[int]:
+    """ids of every adapter parameter: adapters on layers and the modules_to_save copies."""
+    found = {id(p) for _, layer in adapted_layers(model) for p in layer.adapters.parameters()}
+    found.update(id(p) for _, wrapper in saved_modules(model) for p in wrapper.modules_to_save.parameters())
+    return found
+
+
 def _freeze_base(model: nn.Module) -> None:
-    adapter_params = {id(p) for _, layer in adapted_layers(model) for p in layer.adapters.parameters()}
+    adapter_params = _adapter_parameters(model)
     for p in model.parameters():
         if id(p) not in adapter_params:
             p.requires_grad_(False)
@@ -258,6 +300,9 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     names = _check_names(model, names)
     for layer_name, layer in adapted_layers(model):
         layer.set_active(names, layer_name)
+    for module_name, wrapper in saved_modules(model):
+        wrapper.set_active(names)
+        warn_if_ambiguous(module_name, wrapper)
 
 
 def set_trainable(model: nn.Module, names: str | Sequence[str]) -> None:
@@ -266,6 +311,9 @@ def set_trainable(model: nn.Module, names: str | Sequence[str]) -> None:
     for _, layer in adapted_layers(model):
         for adapter_name, adapter in layer.adapters.items():
             adapter.requires_grad_(adapter_name in names)
+    for _, wrapper in saved_modules(model):
+        for adapter_name, module_copy in wrapper.modules_to_save.items():
+            module_copy.requires_grad_(adapter_name in names)
 
 
 def detach(model: nn.Module, name: str) -> None:
@@ -276,6 +324,11 @@ def detach(model: nn.Module, name: str) -> None:
             layer.remove(name)
         if not len(layer.adapters):
             _set_submodule(model, layer_name, layer.base_layer)
+    for module_name, wrapper in list(saved_modules(model)):
+        if name in wrapper.modules_to_save:
+            wrapper.remove(name)
+        if not len(wrapper.modules_to_save):
+            _set_submodule(model, module_name, wrapper.original_module)
 
 
 def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> list[str]:
@@ -292,6 +345,11 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> list[st
             if n not in layer.active:
                 layer.active.append(n)
         layer._refresh()
+    for module_name, wrapper in saved_modules(model):  # ... and so must its modules_to_save copies
+        added = [n for n in done if n in wrapper.modules_to_save and n not in wrapper.active]
+        if added:
+            wrapper.active.extend(added)
+            warn_if_ambiguous(module_name, wrapper)
     return list(done)
 
 
@@ -323,6 +381,10 @@ def trainable_parameters(model: nn.Module) -> dict[str, Any]:
     for _, layer in adapted_layers(model):
         for adapter_name, adapter in layer.adapters.items():
             per_adapter[adapter_name] = per_adapter.get(adapter_name, 0) + adapter.num_parameters()
+    for _, wrapper in saved_modules(model):
+        for adapter_name, module_copy in wrapper.modules_to_save.items():
+            size = sum(p.numel() for p in module_copy.parameters())
+            per_adapter[adapter_name] = per_adapter.get(adapter_name, 0) + size
     return {
         "trainable": trainable,
         "total": total,
@@ -355,11 +417,18 @@ def merge_and_unload(model: nn.Module, names: str | Sequence[str] | None = None)
     """HF PEFT's ``merge_and_unload``: merge ``names`` (default: the active adapters), drop the rest and
     every wrapper; returns ``model`` as a plain model whose state-dict keys are the base model's.
 
-    Unlike :func:`detach`, nothing is un-merged first: the merged ΔW stays in the weights.
+    Unlike :func:`detach`, nothing is un-merged first: the merged ΔW stays in the weights. A
+    ``modules_to_save`` module becomes the copy that was running (of a merged adapter), else the original.
     """
-    merge(model, names)
+    chosen = active_adapters(model) if names is None else _check_names(model, names)
+    merge(model, chosen)
+    merged = set(chosen) | {n for _, layer in adapted_layers(model) for n in layer.merged}
     for layer_name, layer in list(adapted_layers(model)):
         _set_submodule(model, layer_name, layer.base_layer)
+    for module_name, wrapper in list(saved_modules(model)):
+        running = [n for n in wrapper.active if n in merged]
+        kept = wrapper.modules_to_save[running[-1]] if running else wrapper.original_module
+        _set_submodule(model, module_name, kept)
     return model
 
 
@@ -371,18 +440,23 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     rounding away from before); which adapters are active is restored on exit.
     """
     layers = [layer for _, layer in adapted_layers(model)]
+    wrappers = [wrapper for _, wrapper in saved_modules(model)]  # modules_to_save: the originals run
     merged = [list(layer.merged) for layer in layers]
     try:
         for layer in layers:
             layer.unmerge()
             layer.disabled = True
             layer._refresh()
+        for wrapper in wrappers:
+            wrapper.disabled = True
         yield model
     finally:
         for layer, names in zip(layers, merged):
             layer.disabled = False
             layer.merge(names)
             layer._refresh()
+        for wrapper in wrappers:
+            wrapper.disabled = False
 
 
 def print_trainable_parameters(model: nn.Module, file: TextIO | None = None) -> str:

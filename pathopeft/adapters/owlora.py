@@ -223,6 +223,9 @@ class OwloraConfig(AdapterConfig):
     method: ClassVar[str] = "owlora"
     layer_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv2d")
     module_cls: ClassVar[type[AdapterModule]] = OwloraModule
+    rank_field: ClassVar[str | None] = "rank"
+    # orthogonality_penalty applies one λ to the whole adapter
+    adapter_level_options: ClassVar[tuple[str, ...]] = ("ortho_lambda",)
 
     rank: int = Field(16, gt=0)  # r per task
     protect_base: bool = True  # first adapter: project off the base weight's top singular subspaces

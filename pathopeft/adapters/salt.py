@@ -170,6 +170,7 @@ class SaltConfig(AdapterConfig):
     layer_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv2d")
     module_cls: ClassVar[type[AdapterModule]] = SaltModule
     uses_svd: ClassVar[bool] = True
+    rank_field: ClassVar[str | None] = "rank"  # rank_pattern sets r (the top singular values) per layer
 
     ratio: float = Field(0.1, gt=0.0, le=1.0)  # r = max(1, int(R·ratio)) when rank is not given
     rank: int | None = Field(None, gt=0)  # absolute r (top singular values scaled/shifted); overrides ratio

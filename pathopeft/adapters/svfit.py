@@ -99,6 +99,7 @@ class SvfitConfig(AdapterConfig):
     layer_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv2d")
     module_cls: ClassVar[type[AdapterModule]] = SvfitModule
     uses_svd: ClassVar[bool] = True
+    rank_field: ClassVar[str | None] = "max_rank"  # rank_pattern caps the energy rank per layer
 
     energy: float = Field(0.99, gt=0.0, le=1.0)  # share of Σ s² the kept singular values must hold
     max_rank: int | None = Field(None, gt=0)  # optional cap on r per layer

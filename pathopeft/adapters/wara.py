@@ -205,6 +205,8 @@ class WaraConfig(AdapterConfig):
     method: ClassVar[str] = "wara"
     layer_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv2d")
     module_cls: ClassVar[type[AdapterModule]] = WaraModule
+    rank_field: ClassVar[str | None] = "rank"
+    alpha_field: ClassVar[str | None] = "alpha"
 
     rank: int = Field(4, gt=0)  # r per subband; one level unshared ≈ LoRA rank 2r in size and cost
     alpha: float = Field(8.0, gt=0)  # scaling α/r, as LoRA
