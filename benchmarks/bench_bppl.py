@@ -35,6 +35,11 @@ SCENARIOS = {
     "main": {"signal": 2.5, "lesion_share": (0.02, 0.10), "compact": True},
     "weak": {"signal": 1.5, "lesion_share": (0.02, 0.10), "compact": True},
     "scattered": {"signal": 2.5, "lesion_share": (0.02, 0.10), "compact": False},
+    # small bags that every model learns within minutes on one CPU thread (the continual benchmark's
+    # tasks): run with --dim 32 --tiles 60,120 --set optimizer.lr=1e-3
+    "small": {"signal": 4.0, "lesion_share": (0.05, 0.15), "compact": True},
+    "small_weak": {"signal": 2.5, "lesion_share": (0.05, 0.15), "compact": True},
+    "small_scattered": {"signal": 4.0, "lesion_share": (0.05, 0.15), "compact": False},
 }
 
 SETTINGS: dict[str, list[str]] = {

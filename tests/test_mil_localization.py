@@ -115,3 +115,23 @@ def test_training_logs_pseudo_label_diagnostics(tmp_path):
     ):
         assert f"train/{key}" in logged
     assert 0.0 <= logged["train/bppl_kept_share"] <= 1.0
+
+
+def test_a_ranked_but_uncalibrated_model_is_reported(caplog):
+    """Issue 12 item 5: AUC 1.0 with accuracy 0.5 means every probability sits on one side of 0.5."""
+    import logging
+
+    from pathopeft.mil.module import _warn_uncalibrated
+
+    def metrics(at_half: float, at_val: float, lo: float, hi: float) -> dict[str, torch.Tensor]:
+        values = {"bag_balanced_accuracy": at_half, "bag_balanced_accuracy_at_val_threshold": at_val,
+                  "bag_probability_min": lo, "bag_probability_max": hi, "val_threshold": 0.46}  # fmt: skip
+        return {k: torch.tensor(v) for k, v in values.items()}
+
+    with caplog.at_level(logging.WARNING, logger="pathopeft.mil.module"):
+        _warn_uncalibrated(metrics(0.5, 1.0, 0.42, 0.49), "breast")
+    assert "not calibrated" in caplog.text and "[0.420, 0.490]" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pathopeft.mil.module"):
+        _warn_uncalibrated(metrics(0.9, 0.95, 0.02, 0.98), "breast")  # separated at 0.5: silent
+    assert caplog.text == ""
