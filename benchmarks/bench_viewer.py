@@ -58,13 +58,14 @@ def main() -> None:
     p.add_argument("--size", type=int, default=100_000)
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--tiles", type=int, default=200)
+    p.add_argument("--cache-mb", type=float, default=256.0)
     a = p.parse_args()
     root = a.workdir or Path(tempfile.mkdtemp(prefix="bench_viewer_"))
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     export(root, a.size)
     print(f"slide + scores ready in {time.perf_counter() - t0:.1f} s ({a.size}x{a.size})")
-    app = create_app(root, cache_tiles=4 * a.tiles)
+    app = create_app(root, cache_mb=a.cache_mb)
     c = app.test_client()
     info = c.get("/api/task/big/info").get_json()
     top = info["max_level"]
@@ -95,6 +96,8 @@ def main() -> None:
         )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"peak RSS of the (in-process) server: {rss / 1024:.0f} MiB (before panning {rss0 / 1024:.0f} MiB)")
+    cache = app.config["cache"]
+    print(f"tile cache after the pans: {len(cache)} tiles, {cache.nbytes / 2**20:.1f} of {a.cache_mb:g} MiB")
 
 
 if __name__ == "__main__":

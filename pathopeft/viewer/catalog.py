@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from dataclasses import dataclass, field
@@ -24,6 +25,62 @@ class SlideEntry:
     meta: dict
     slide_path: Path
     _scores: pd.DataFrame | None = field(default=None, repr=False)
+    _regions: dict | None = field(default=None, repr=False)
+
+    @property
+    def geojson_path(self) -> Path | None:
+        """The exported ``<slide_id>.geojson`` (or ``.geojson.gz``), or None when it was not exported."""
+        for name in (f"{self.slide_id}.geojson", f"{self.slide_id}.geojson.gz"):
+            if (self.folder / name).is_file():
+                return self.folder / name
+        return None
+
+    def exported_regions(self) -> dict:
+        """The export's region annotations as drawn in QuPath, in full-frame level-0 px.
+
+        Regions are the exporter's (smoothing, ``min_region_tiles``, cut at the export threshold),
+        so the viewer shows the same outlines a pathologist would import, not a recomputation.
+        The file's coordinates are relative to ``openslide.bounds-x/y`` (QuPath's frame); the
+        JSON's ``bounds`` are added back because the DeepZoom layers show the full frame.
+        """
+        if self._regions is None:
+            path = self.geojson_path
+            feats: list[dict] = []
+            if path is not None:
+                opener = gzip.open if path.suffix == ".gz" else open
+                try:
+                    with opener(path, "rt", encoding="utf-8") as fh:
+                        data = json.load(fh)
+                except (OSError, json.JSONDecodeError) as err:
+                    raise ValueError(f"{path}: not a readable GeoJSON file ({err})") from err
+                bx, by = (float(v) for v in (self.meta.get("bounds") or (0, 0)))
+                for f in data.get("features", []):
+                    props = f.get("properties") or {}
+                    if props.get("objectType") != "annotation":
+                        continue  # the per-tile objects are the CSV's scores again
+                    meas = props.get("measurements") or {}
+                    cls = props.get("classification") or {}
+                    feats.append(
+                        {
+                            "type": "Feature",
+                            "geometry": _shift(f["geometry"], bx, by),
+                            "properties": {
+                                "name": props.get("name"),
+                                "class": cls.get("name"),
+                                "color": cls.get("color"),
+                                "score_max": meas.get("score_max"),
+                                "score_mean": meas.get("score_mean"),
+                                "area_um2": meas.get("area_um2"),
+                            },
+                        }
+                    )
+            self._regions = {
+                "type": "FeatureCollection",
+                "source": path.name if path is not None else None,
+                "threshold": self.meta.get("threshold"),
+                "features": feats,
+            }
+        return self._regions
 
     @property
     def scores(self) -> pd.DataFrame:
@@ -51,6 +108,16 @@ class SlideEntry:
         grid = np.full((ny, nx), np.nan, dtype=np.float32)
         grid[gy, gx] = df["score"].to_numpy(dtype=np.float32)
         return grid, ox, oy, ts
+
+
+def _shift(geometry: dict, dx: float, dy: float) -> dict:
+    """A Polygon/MultiPolygon moved by (dx, dy)."""
+    kind, coords = geometry["type"], geometry["coordinates"]
+    if kind not in ("Polygon", "MultiPolygon"):
+        raise ValueError(f"unsupported region geometry {kind!r} (the exporter writes polygons)")
+    polys = [coords] if kind == "Polygon" else coords
+    moved = [[[[x + dx, y + dy] for x, y, *_ in ring] for ring in poly] for poly in polys]
+    return {"type": kind, "coordinates": moved[0] if kind == "Polygon" else moved}
 
 
 class Catalog:
@@ -114,6 +181,7 @@ class Catalog:
                     "bag_probability": m.get("bag_probability"),
                     "predicted_class": m.get("predicted_class"),
                     "threshold": m.get("threshold"),
+                    "n_regions": m.get("n_regions"),
                 }
             )
         return out
