@@ -194,3 +194,13 @@ def test_cli_port_0_prints_url_and_serves(tmp_path):
 def test_missing_manifest_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest.csv"):
         create_app(tmp_path)
+
+
+def test_cli_cache_mb_must_be_non_negative(tmp_path):
+    from click.testing import CliRunner
+
+    from pathopeft.cli import main
+
+    r = CliRunner().invoke(main, ["view", str(tmp_path), "--cache-mb", "-1"])
+    assert r.exit_code == 2 and "--cache-mb" in r.output
+    assert "--cache-tiles" not in CliRunner().invoke(main, ["view", "--help"]).output
