@@ -91,6 +91,7 @@ def test_above_outline_shrinks_with_threshold(client):
 
 def test_regions_without_geojson_gzipped_or_broken(tmp_path):
     import gzip
+    import json
 
     out = make_export(tmp_path, task="tumor")
     gj = out / "s1.geojson"
@@ -103,9 +104,18 @@ def test_regions_without_geojson_gzipped_or_broken(tmp_path):
     r = create_app(tmp_path).test_client().get("/api/tumor/s1/regions").get_json()
     assert r["source"] == "s1.geojson.gz" and len(r["features"]) == 1
     (out / "s1.geojson.gz").unlink()
-    gj.write_text("{not json")
-    r = create_app(tmp_path).test_client().get("/api/tumor/s1/regions")
-    assert r.status_code == 500 and "s1.geojson" in r.get_json()["error"]
+    # another writer's layout: indented (the streamed path) or keys in another order (json.loads)
+    doc = json.loads(data)
+    gj.write_bytes(data)
+    want = create_app(tmp_path).test_client().get("/api/tumor/s1/regions").get_json()
+    for text in (json.dumps(doc, indent=2), json.dumps({"features": doc["features"], "type": doc["type"]})):
+        gj.write_text(text)
+        got = create_app(tmp_path).test_client().get("/api/tumor/s1/regions").get_json()
+        assert got["features"] == want["features"] and len(got["features"]) == 1
+    for broken in ("{not json", data[: len(data) // 2].decode(), '{"type": "Feature"}'):
+        gj.write_text(broken)
+        r = create_app(tmp_path).test_client().get("/api/tumor/s1/regions")
+        assert r.status_code == 500 and "s1.geojson: not a readable GeoJSON" in r.get_json()["error"]
 
 
 def test_listing_has_region_counts(client):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,14 +52,14 @@ class SlideEntry:
                 opener = gzip.open if path.suffix == ".gz" else open
                 try:
                     with opener(path, "rt", encoding="utf-8") as fh:
-                        data = json.load(fh)
-                except (OSError, json.JSONDecodeError) as err:
+                        text = fh.read()
+                    features = list(_annotation_features(text))
+                except (OSError, ValueError) as err:  # JSONDecodeError is a ValueError
                     raise ValueError(f"{path}: not a readable GeoJSON file ({err})") from err
+                del text
                 bx, by = (float(v) for v in (self.meta.get("bounds") or (0, 0)))
-                for f in data.get("features", []):
+                for f in features:
                     props = f.get("properties") or {}
-                    if props.get("objectType") != "annotation":
-                        continue  # the per-tile objects are the CSV's scores again
                     meas = props.get("measurements") or {}
                     cls = props.get("classification") or {}
                     feats.append(
@@ -108,6 +110,40 @@ class SlideEntry:
         grid = np.full((ny, nx), np.nan, dtype=np.float32)
         grid[gy, gx] = df["score"].to_numpy(dtype=np.float32)
         return grid, ox, oy, ts
+
+
+_COLLECTION_HEAD = re.compile(r'\s*\{\s*"type"\s*:\s*"FeatureCollection"\s*,\s*"features"\s*:\s*\[')
+_BETWEEN = re.compile(r"\s*,?\s*")
+
+
+def _annotation_features(text: str) -> Iterator[dict]:
+    """The ``objectType == "annotation"`` features of a GeoJSON FeatureCollection text.
+
+    The exporter writes one feature per scored tile before the few regions (76k tiles: a 25 MiB
+    file, ~190 MiB as Python objects); features are decoded one at a time and tiles dropped at
+    once, so only the text and the regions are held. Another layout falls back to ``json.loads``.
+    """
+    head = _COLLECTION_HEAD.match(text)
+    if head is None:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("type") != "FeatureCollection":
+            raise ValueError("not a GeoJSON FeatureCollection")
+        features: Iterator[dict] = iter(data.get("features") or [])
+    else:
+        features = _each_feature(text, head.end())
+    for f in features:
+        if isinstance(f, dict) and (f.get("properties") or {}).get("objectType") == "annotation":
+            yield f
+
+
+def _each_feature(text: str, i: int) -> Iterator[dict]:
+    decoder = json.JSONDecoder()
+    while True:
+        i = _BETWEEN.match(text, i).end()
+        if text.startswith("]", i):
+            return
+        feature, i = decoder.raw_decode(text, i)
+        yield feature
 
 
 def _shift(geometry: dict, dx: float, dy: float) -> dict:
