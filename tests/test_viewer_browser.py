@@ -89,6 +89,12 @@ def press(d, keys):
     ActionChains(d, duration=10).send_keys(keys).perform()
 
 
+def no_console_errors(d):
+    """No SEVERE browser log entry since the last call (failed fetches and JS errors land there)."""
+    errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == [], errors
+
+
 def num(d, js):
     return float(d.execute_script("return " + js))
 
@@ -145,8 +151,7 @@ def test_page_layers_sliders_regions(server, driver, tmp_path):
     if notes.is_dir():
         shutil.copy(shot, notes / "viewer.png")
 
-    errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
-    assert errors == [], errors
+    no_console_errors(d)
 
 
 def test_keyboard_shortcuts(server, driver):
@@ -187,6 +192,7 @@ def test_keyboard_shortcuts(server, driver):
     wait_for(d, f"return {CUR}.slide_id === 's2'", "next slide")
     press(d, "p")
     wait_for(d, f"return {CUR}.slide_id === 's1'", "previous slide")
+    no_console_errors(d)
 
 
 def hover_score(d, task):
@@ -236,6 +242,7 @@ def test_task_selector_switches_heatmap_and_keeps_the_view(server, driver):
     assert num(d, "window.pathopeftViewer.viewport.getZoom()") == pytest.approx(2, rel=1e-3)
     assert num(d, "window.pathopeftViewer.viewport.getCenter().x") == pytest.approx(0.5, abs=1e-3)
     assert "task=grade" in d.current_url and "slide=s1" in d.current_url
+    no_console_errors(d)
 
 
 def test_url_restores_slide_position_zoom_and_pan_updates_it(server, driver):
@@ -263,3 +270,4 @@ def test_url_restores_slide_position_zoom_and_pan_updates_it(server, driver):
         and float(q["z"]) == pytest.approx(4)
     )
     assert float(q["x"]) == pytest.approx(num(d, f"{vp}.getCenter().x"), abs=1e-4)
+    no_console_errors(d)

@@ -51,6 +51,7 @@ async function loadSlide(s, view) {
   const src = (kind, ext) => ({ width: info.width, height: info.height, tileSize: info.tile_size, tileOverlap: info.overlap,
     minLevel: 0, maxLevel: info.max_level, getTileUrl: (l, x, y) => `${base(s)}/${kind}_files/${l}/${x}_${y}.${ext}` });
   viewer.addOnceHandler("open", () => {
+    if (state.cur !== s) return;  // another slide was asked for meanwhile; its own handler follows
     if (view && view.z) { viewer.viewport.zoomTo(view.z, null, true); viewer.viewport.panTo(new OpenSeadragon.Point(view.x, view.y), true); }
     loadRegions(s);
     refreshAbove();
