@@ -112,7 +112,10 @@ def test_regions_without_geojson_gzipped_or_broken(tmp_path):
         gj.write_text(text)
         got = create_app(tmp_path).test_client().get("/api/tumor/s1/regions").get_json()
         assert got["features"] == want["features"] and len(got["features"]) == 1
-    for broken in ("{not json", data[: len(data) // 2].decode(), '{"type": "Feature"}'):
+    point = {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}}
+    point["properties"] = {"objectType": "annotation"}
+    odd = json.dumps({"type": "FeatureCollection", "features": [point]})
+    for broken in ("{not json", data[: len(data) // 2].decode(), '{"type": "Feature"}', odd):
         gj.write_text(broken)
         r = create_app(tmp_path).test_client().get("/api/tumor/s1/regions")
         assert r.status_code == 500 and "s1.geojson: not a readable GeoJSON" in r.get_json()["error"]

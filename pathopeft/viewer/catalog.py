@@ -50,32 +50,13 @@ class SlideEntry:
             feats: list[dict] = []
             if path is not None:
                 opener = gzip.open if path.suffix == ".gz" else open
+                bx, by = (float(v) for v in (self.meta.get("bounds") or (0, 0)))
                 try:
                     with opener(path, "rt", encoding="utf-8") as fh:
                         text = fh.read()
-                    features = list(_annotation_features(text))
-                except (OSError, ValueError) as err:  # JSONDecodeError is a ValueError
-                    raise ValueError(f"{path}: not a readable GeoJSON file ({err})") from err
-                del text
-                bx, by = (float(v) for v in (self.meta.get("bounds") or (0, 0)))
-                for f in features:
-                    props = f.get("properties") or {}
-                    meas = props.get("measurements") or {}
-                    cls = props.get("classification") or {}
-                    feats.append(
-                        {
-                            "type": "Feature",
-                            "geometry": _shift(f["geometry"], bx, by),
-                            "properties": {
-                                "name": props.get("name"),
-                                "class": cls.get("name"),
-                                "color": cls.get("color"),
-                                "score_max": meas.get("score_max"),
-                                "score_mean": meas.get("score_mean"),
-                                "area_um2": meas.get("area_um2"),
-                            },
-                        }
-                    )
+                    feats = [_region(f, bx, by) for f in _annotation_features(text)]
+                except (OSError, KeyError, TypeError, ValueError) as err:  # JSONDecodeError: a ValueError
+                    raise ValueError(f"{path}: not a readable GeoJSON file ({err!r})") from err
             self._regions = {
                 "type": "FeatureCollection",
                 "source": path.name if path is not None else None,
@@ -119,8 +100,8 @@ _BETWEEN = re.compile(r"\s*,?\s*")
 def _annotation_features(text: str) -> Iterator[dict]:
     """The ``objectType == "annotation"`` features of a GeoJSON FeatureCollection text.
 
-    The exporter writes one feature per scored tile before the few regions (76k tiles: a 25 MiB
-    file, ~190 MiB as Python objects); features are decoded one at a time and tiles dropped at
+    The exporter writes one feature per scored tile before the few regions (76k tiles: 22 MiB of
+    text, ~170 MiB as Python objects; benchmarks/RESULTS.md); features are decoded one at a time and tiles dropped at
     once, so only the text and the regions are held. Another layout falls back to ``json.loads``.
     """
     head = _COLLECTION_HEAD.match(text)
@@ -144,6 +125,25 @@ def _each_feature(text: str, i: int) -> Iterator[dict]:
             return
         feature, i = decoder.raw_decode(text, i)
         yield feature
+
+
+def _region(feature: dict, dx: float, dy: float) -> dict:
+    """What the page draws of one exported region: its outline moved by (dx, dy) and its scores."""
+    props = feature.get("properties") or {}
+    meas = props.get("measurements") or {}
+    cls = props.get("classification") or {}
+    return {
+        "type": "Feature",
+        "geometry": _shift(feature["geometry"], dx, dy),
+        "properties": {
+            "name": props.get("name"),
+            "class": cls.get("name"),
+            "color": cls.get("color"),
+            "score_max": meas.get("score_max"),
+            "score_mean": meas.get("score_mean"),
+            "area_um2": meas.get("area_um2"),
+        },
+    }
 
 
 def _shift(geometry: dict, dx: float, dy: float) -> dict:
