@@ -101,8 +101,9 @@ def _annotation_features(text: str) -> Iterator[dict]:
     """The ``objectType == "annotation"`` features of a GeoJSON FeatureCollection text.
 
     The exporter writes one feature per scored tile before the few regions (76k tiles: 22 MiB of
-    text, ~170 MiB as Python objects; benchmarks/RESULTS.md); features are decoded one at a time and tiles dropped at
-    once, so only the text and the regions are held. Another layout falls back to ``json.loads``.
+    text, ~170 MiB as Python objects; benchmarks/RESULTS.md); features are decoded one at a time
+    and tiles dropped at once, so only the text and the regions are held. Another layout falls
+    back to ``json.loads``.
     """
     head = _COLLECTION_HEAD.match(text)
     if head is None:
