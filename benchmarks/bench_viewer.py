@@ -4,6 +4,8 @@
 
 The baseline in the same run is the warm-cache latency (a cache hit): cold/warm ratios are printed.
 A Flask test client pans a random walk over the top DeepZoom level, then revisits the same tiles.
+Then the first ``/regions`` call (reading the exported GeoJSON: one feature per scored tile + the
+regions) is timed and its peak Python allocation measured against a plain ``json.load`` + filter.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import multiprocessing
 import resource
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pathopeft.viewer import create_app
+from pathopeft.viewer.catalog import Catalog
 from pathopeft.wsi.synth import make_synthetic_slide
 
 
@@ -50,7 +55,73 @@ def export(root: Path, size: int) -> None:
         "level0_size": [size, size],
     }
     (out / "big.json").write_text(json.dumps(meta))
+    write_geojson_like_the_exporter(out / "big.geojson", size, ts)
     (out / "manifest.csv").write_text(f"slide_id,status,slide_path\nbig,ok,{slide.resolve()}\n")
+
+
+def write_geojson_like_the_exporter(path: Path, size: int, ts: int) -> None:
+    """The exporter's layout (build_feature_collection's features, compact JSON), written in chunks."""
+    import shapely
+
+    from pathopeft.heatmaps.geojson import build_feature_collection  # imports torch: child process only
+
+    xs, ys = np.meshgrid(np.arange(0, size, ts), np.arange(0, size, ts * 2))
+    coords = np.stack([xs.ravel(), ys.ravel()], 1)
+    scores = np.random.default_rng(0).random(len(coords))
+    regions = [
+        (shapely.box(x, x, x + 20 * ts, x + 10 * ts), 0.6, 0.9, 200) for x in range(0, size // 2, size // 8)
+    ]
+    with open(path, "w") as fh:
+        fh.write('{"type":"FeatureCollection","features":[')
+        first = True
+        for start in range(0, len(coords), 5000):
+            part = slice(start, start + 5000)
+            feats = build_feature_collection(
+                "big",
+                coords[part],
+                ts,
+                {"score": scores[part], "attention": scores[part]},
+                [],
+                class_name="tumor",
+            )["features"]
+            for f in feats:
+                fh.write(("" if first else ",") + json.dumps(f, separators=(",", ":")))
+                first = False
+        for f in build_feature_collection("big", coords[:0], ts, {}, regions, class_name="tumor", mpp=0.5)[
+            "features"
+        ]:
+            fh.write("," + json.dumps(f, separators=(",", ":")))
+        fh.write("]}")
+
+
+def bench_regions(root: Path) -> None:
+    """First ``/regions`` read of a big GeoJSON: the viewer's streamed decode vs ``json.load`` + filter."""
+    path = root / "task" / "big.geojson"
+
+    def plain() -> list:
+        with open(path) as fh:
+            data = json.load(fh)
+        return [f for f in data["features"] if f["properties"]["objectType"] == "annotation"]
+
+    def viewer() -> list:
+        return Catalog(root).get("task", "big").exported_regions()["features"]
+
+    res = {}
+    for name, fn in (("json.load + filter", plain), ("viewer", viewer)):
+        t = time.perf_counter()
+        n = len(fn())
+        dt = time.perf_counter() - t
+        tracemalloc.start()
+        fn()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        res[name] = (dt, peak)
+        print(
+            f"regions from {path.stat().st_size / 2**20:.1f} MiB GeoJSON, {name:18s}: {n} regions, "
+            f"{dt:.2f} s, peak Python allocation {peak / 2**20:.0f} MiB"
+        )
+    (t0, m0), (t1, m1) = res["json.load + filter"], res["viewer"]
+    print(f"viewer vs json.load: time {t1 / t0:.2f}x, peak allocation {m1 / m0:.2f}x")
 
 
 def main() -> None:
@@ -58,13 +129,19 @@ def main() -> None:
     p.add_argument("--size", type=int, default=100_000)
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--tiles", type=int, default=200)
+    p.add_argument("--cache-mb", type=float, default=256.0)
     a = p.parse_args()
     root = a.workdir or Path(tempfile.mkdtemp(prefix="bench_viewer_"))
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    export(root, a.size)
+    # in a child process, so that making the slide and the GeoJSON does not count in the server's RSS
+    child = multiprocessing.get_context("spawn").Process(target=export, args=(root, a.size))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit(f"making the benchmark export under {root} failed (exit code {child.exitcode})")
     print(f"slide + scores ready in {time.perf_counter() - t0:.1f} s ({a.size}x{a.size})")
-    app = create_app(root, cache_tiles=4 * a.tiles)
+    app = create_app(root, cache_mb=a.cache_mb)
     c = app.test_client()
     info = c.get("/api/task/big/info").get_json()
     top = info["max_level"]
@@ -95,6 +172,9 @@ def main() -> None:
         )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"peak RSS of the (in-process) server: {rss / 1024:.0f} MiB (before panning {rss0 / 1024:.0f} MiB)")
+    cache = app.config["cache"]
+    print(f"tile cache after the pans: {len(cache)} tiles, {cache.nbytes / 2**20:.1f} of {a.cache_mb:g} MiB")
+    bench_regions(root)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""The viewer page in headless Chromium (Selenium + /usr/bin/chromedriver); skipped without them."""
+"""The viewer page in headless Chromium (Selenium + /usr/bin/chromedriver); skipped without them.
+
+One server and one browser for the module (a page load is the slow part); each test loads its URL.
+"""
 
 from __future__ import annotations
 
@@ -17,16 +20,25 @@ DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 if not (Path(CHROMIUM).exists() and Path(DRIVER).exists()):
     pytest.skip("no chromium / chromedriver installed", allow_module_level=True)
 
+HEAT = "window.pathopeftViewer.world.getItemAt(1)"
+CUR = "window.pathopeftState.cur"
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from werkzeug.serving import make_server
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    class Quiet(WSGIRequestHandler):
+        def log_request(self, *args, **kwargs) -> None:  # hundreds of tile GETs per test
+            pass
 
     from pathopeft.viewer import create_app
 
     root = tmp_path_factory.mktemp("heat")
     make_export(root, task="tumor")
-    srv = make_server("127.0.0.1", 0, create_app(root), threaded=True)
+    make_export(root, task="tumor", slide_id="s2", seed=2)
+    make_export(root, task="grade", invert=True)  # a second task of a continual model, same slide
+    srv = make_server("127.0.0.1", 0, create_app(root), threaded=True, request_handler=Quiet)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     yield f"http://127.0.0.1:{srv.server_port}/"
@@ -40,7 +52,7 @@ def driver():
 
     opts = Options()
     opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1200,800"):
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=900,600"):
         opts.add_argument(a)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     d = webdriver.Chrome(service=Service(DRIVER), options=opts)
@@ -55,20 +67,45 @@ def wait_for(d, js, what, tries=300):
         if v:
             return v
         time.sleep(0.1)
-    raise AssertionError(f"page never reached: {what}")
+    raise AssertionError(f"page never reached: {what}: {d.execute_script('return location.href')}")
+
+
+def open_page(d, url, slide="s1", task="tumor"):
+    d.get(url)
+    wait_for(
+        d,
+        f"const c = {CUR}; return c && c.slide_id === '{slide}' && c.task === '{task}'"
+        " && window.pathopeftViewer.world.getItemCount() === 2"
+        " && document.getElementById('regions').dataset.count !== undefined"
+        " && document.getElementById('above').dataset.threshold !== undefined",
+        f"{task}/{slide} open",
+    )
+
+
+def press(d, keys):
+    """Type into whatever has focus (send_keys_to_element would click it: a click on the slide zooms)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(d, duration=10).send_keys(keys).perform()
+
+
+def no_console_errors(d):
+    """No SEVERE browser log entry since the last call (failed fetches and JS errors land there)."""
+    errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == [], errors
+
+
+def num(d, js):
+    return float(d.execute_script("return " + js))
 
 
 def test_page_layers_sliders_regions(server, driver, tmp_path):
     d = driver
-    d.get(server)
-    wait_for(
-        d, "return window.pathopeftViewer && window.pathopeftViewer.world.getItemCount() === 2", "2 layers"
-    )
+    open_page(d, server + "?task=tumor&slide=s1")
     wait_for(
         d,
-        "const w = window.pathopeftViewer.world; return w.getItemAt(0).getFullyLoaded()"
-        " && w.getItemAt(1).getFullyLoaded();",
-        "tiles loaded",
+        f"return window.pathopeftViewer.world.getItemAt(0).getFullyLoaded() && {HEAT}.getFullyLoaded()",
+        "tiles",
     )
     urls = d.execute_script(
         "return performance.getEntriesByType('resource').map(e => e.name + ' ' + e.responseStatus)"
@@ -79,30 +116,158 @@ def test_page_layers_sliders_regions(server, driver, tmp_path):
     d.execute_script(
         "const o = document.getElementById('opacity'); o.value = 0.9; o.dispatchEvent(new Event('input'));"
     )
-    assert d.execute_script("return window.pathopeftViewer.world.getItemAt(1).getOpacity()") == pytest.approx(
-        0.9
-    )
+    assert num(d, f"{HEAT}.getOpacity()") == pytest.approx(0.9)
 
     def set_thr(v):
         d.execute_script(
             f"const t = document.getElementById('threshold'); t.value = {v};"
             " t.dispatchEvent(new Event('input'));"
         )
-        wait_for(
-            d, f"return Number(document.getElementById('regions').dataset.threshold) === {v}", f"thr {v}"
+        wait_for(d, f"return Number(document.getElementById('above').dataset.threshold) === {v}", f"thr {v}")
+        return d.execute_script(
+            "const g = (id) => document.getElementById(id);"
+            "return {above: g('above').innerHTML,"
+            " regions: g('regions').querySelector('path').getAttribute('d'),"
+            " kept: g('regions').dataset.kept, count: g('regions').dataset.count,"
+            " below: g('regions').querySelectorAll('path.below').length};"
         )
-        return d.execute_script("return document.getElementById('regions').innerHTML")
 
-    low, high = set_thr(0.2), set_thr(0.6)
-    assert "<path" in low and "<path" in high and low != high
-    assert "threshold=0.6" in d.current_url
+    low, mid, high = set_thr(0.2), set_thr(0.5), set_thr(0.9)
+    # the dashed outline follows the slider ...
+    assert "<path" in low["above"] and "<path" in high["above"] and low["above"] != high["above"]
+    # ... the exported region (one, max score 0.83) keeps its outline, faded once the slider passes its max
+    assert low["regions"] == mid["regions"] == high["regions"] and low["count"] == high["count"] == "1"
+    assert (low["kept"], low["below"], high["kept"], high["below"]) == ("1", 0, "0", 1)
+    # at the export threshold the tile outline also has the lone high tile the export dropped
+    assert mid["above"].count("<path") == 2
+    assert "threshold=0.9" in d.current_url
+    assert "t = 0.5 in s1.geojson" in d.find_element("id", "legend").text
 
     shot = tmp_path / "viewer.png"
+    set_thr(0.5)
     d.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
     notes = Path("/work/notes")
     if notes.is_dir():
         shutil.copy(shot, notes / "viewer.png")
 
-    errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
-    assert errors == [], errors
+    no_console_errors(d)
+
+
+def test_keyboard_shortcuts(server, driver):
+    from selenium.webdriver.common.by import By
+
+    d = driver
+    open_page(d, server + "?task=tumor&slide=s1")
+    page = d.find_element(By.ID, "side").text
+    for help_line in ("heatmap on/off", "heatmap opacity", "threshold − / +", "next / previous slide"):
+        assert help_line in page
+    press(d, "h")
+    assert num(d, f"{HEAT}.getOpacity()") == 0
+    press(d, "h")
+    assert num(d, f"{HEAT}.getOpacity()") == pytest.approx(0.5)
+    press(d, "]]")
+    assert num(d, "document.getElementById('opacity').value") == pytest.approx(0.7)
+    press(d, "[")
+    assert num(d, f"{HEAT}.getOpacity()") == pytest.approx(0.6)
+    press(d, "..")
+    assert num(d, "document.getElementById('threshold').value") == pytest.approx(0.6)
+    wait_for(d, "return Number(document.getElementById('above').dataset.threshold) === 0.6", "thr 0.6")
+    press(d, ",")
+    assert num(d, "document.getElementById('threshold').value") == pytest.approx(0.55)
+    home = num(d, "window.pathopeftViewer.viewport.getHomeZoom()")
+    assert num(d, "window.pathopeftViewer.viewport.getZoom()") == pytest.approx(home)  # none of those zoomed
+    # with the slide canvas focused (as after a click on it), r toggles regions, not OpenSeadragon's
+    # rotation, and OpenSeadragon keeps its own zoom key
+    d.execute_script("document.querySelector('#osd .openseadragon-canvas').focus()")
+    assert d.execute_script("return document.activeElement.classList.contains('openseadragon-canvas')")
+    press(d, "r")
+    assert d.execute_script("return document.getElementById('regions').dataset.count") == "0"
+    assert num(d, "window.pathopeftViewer.viewport.getRotation()") == 0
+    press(d, "rt=")
+    assert d.execute_script("return document.getElementById('regions').dataset.count") == "1"
+    assert d.execute_script("return document.getElementById('above').dataset.count") == "0"
+    wait_for(d, f"return window.pathopeftViewer.viewport.getZoom() > {home * 1.05}", "OpenSeadragon's = zoom")
+    press(d, "n")
+    wait_for(d, f"return {CUR}.slide_id === 's2'", "next slide")
+    press(d, "p")
+    wait_for(d, f"return {CUR}.slide_id === 's1'", "previous slide")
+    no_console_errors(d)
+
+
+def hover_score(d, task):
+    """Move the mouse over the view centre (the score peak of the tumor task) and read the score."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    osd = d.find_element(By.ID, "osd")
+    d.execute_script("document.getElementById('score').dataset.task = ''")
+    ActionChains(d, duration=10).move_to_element_with_offset(osd, 5, 5).perform()
+    text = wait_for(
+        d,
+        f"const s = document.getElementById('score'); return s.dataset.task === '{task}'"
+        " && s.textContent.match(/[0-9.]+$/) && s.textContent;",
+        f"score of {task}",
+    )
+    return float(text.split()[-1])
+
+
+def test_task_selector_switches_heatmap_and_keeps_the_view(server, driver):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    d = driver
+    open_page(d, server + "?task=tumor&slide=s1&x=0.5&y=0.375&z=2")
+    assert "/api/tumor/s1/heatmap_files/" in d.execute_script(f"return {HEAT}.source.getTileUrl(3, 0, 0)")
+    assert hover_score(d, "tumor") > 0.8
+    Select(d.find_element(By.ID, "task")).select_by_value("grade")
+    # the heatmap layer is replaced by the grade task's (its tile URLs), on the same slide
+    wait_for(
+        d,
+        f"const h = {HEAT};"
+        " return h && h.source.getTileUrl(3, 0, 0).includes('/api/grade/s1/heatmap_files/')",
+        "grade heatmap layer",
+    )
+    assert "/api/grade/s1/slide_files/" in d.execute_script(
+        "return window.pathopeftViewer.world.getItemAt(0).source.getTileUrl(3, 0, 0)"
+    )
+    wait_for(
+        d,
+        "return performance.getEntriesByType('resource')"
+        ".some(e => e.name.includes('/api/grade/s1/heatmap_files/') && e.responseStatus === 200)",
+        "a grade heatmap tile received",
+    )
+    assert hover_score(d, "grade") < 0.2  # the grade task's scores are the tumor task's inverted
+    # same slide, same place: the view was carried over
+    assert num(d, "window.pathopeftViewer.viewport.getZoom()") == pytest.approx(2, rel=1e-3)
+    assert num(d, "window.pathopeftViewer.viewport.getCenter().x") == pytest.approx(0.5, abs=1e-3)
+    assert "task=grade" in d.current_url and "slide=s1" in d.current_url
+    no_console_errors(d)
+
+
+def test_url_restores_slide_position_zoom_and_pan_updates_it(server, driver):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    d = driver
+    open_page(d, server + "?task=tumor&slide=s2&x=0.3&y=0.2&z=4&opacity=0.3&threshold=0.7", slide="s2")
+    vp = "window.pathopeftViewer.viewport"
+    assert num(d, f"{vp}.getCenter().x") == pytest.approx(0.3, abs=1e-3)
+    assert num(d, f"{vp}.getCenter().y") == pytest.approx(0.2, abs=1e-3)
+    assert num(d, f"{vp}.getZoom()") == pytest.approx(4, rel=1e-3)
+    assert num(d, f"{HEAT}.getOpacity()") == pytest.approx(0.3)
+    assert num(d, "document.getElementById('threshold').value") == pytest.approx(0.7)
+    before = d.current_url
+    osd = d.find_element(By.ID, "osd")
+    drag = ActionChains(d, duration=50).move_to_element(osd).click_and_hold()
+    drag.move_by_offset(-150, -100).release().perform()
+    wait_for(d, f"return location.href !== {before!r}", "URL after pan")
+    q = dict(p.split("=") for p in d.current_url.split("?", 1)[1].split("&"))
+    assert (
+        float(q["x"]) > 0.3
+        and float(q["y"]) > 0.2
+        and q["slide"] == "s2"
+        and float(q["z"]) == pytest.approx(4)
+    )
+    assert float(q["x"]) == pytest.approx(num(d, f"{vp}.getCenter().x"), abs=1e-4)
+    no_console_errors(d)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +27,43 @@ class SlideEntry:
     meta: dict
     slide_path: Path
     _scores: pd.DataFrame | None = field(default=None, repr=False)
+    _regions: dict | None = field(default=None, repr=False)
+
+    @property
+    def geojson_path(self) -> Path | None:
+        """The exported ``<slide_id>.geojson`` (or ``.geojson.gz``), or None when it was not exported."""
+        for name in (f"{self.slide_id}.geojson", f"{self.slide_id}.geojson.gz"):
+            if (self.folder / name).is_file():
+                return self.folder / name
+        return None
+
+    def exported_regions(self) -> dict:
+        """The export's region annotations as drawn in QuPath, in full-frame level-0 px.
+
+        Regions are the exporter's (smoothing, ``min_region_tiles``, cut at the export threshold),
+        so the viewer shows the same outlines a pathologist would import, not a recomputation.
+        The file's coordinates are relative to ``openslide.bounds-x/y`` (QuPath's frame); the
+        JSON's ``bounds`` are added back because the DeepZoom layers show the full frame.
+        """
+        if self._regions is None:
+            path = self.geojson_path
+            feats: list[dict] = []
+            if path is not None:
+                opener = gzip.open if path.suffix == ".gz" else open
+                bx, by = (float(v) for v in (self.meta.get("bounds") or (0, 0)))
+                try:
+                    with opener(path, "rt", encoding="utf-8") as fh:
+                        text = fh.read()
+                    feats = [_region(f, bx, by) for f in _annotation_features(text)]
+                except (OSError, KeyError, TypeError, ValueError) as err:  # JSONDecodeError: a ValueError
+                    raise ValueError(f"{path}: not a readable GeoJSON file ({err!r})") from err
+            self._regions = {
+                "type": "FeatureCollection",
+                "source": path.name if path is not None else None,
+                "threshold": self.meta.get("threshold"),
+                "features": feats,
+            }
+        return self._regions
 
     @property
     def scores(self) -> pd.DataFrame:
@@ -51,6 +91,70 @@ class SlideEntry:
         grid = np.full((ny, nx), np.nan, dtype=np.float32)
         grid[gy, gx] = df["score"].to_numpy(dtype=np.float32)
         return grid, ox, oy, ts
+
+
+_COLLECTION_HEAD = re.compile(r'\s*\{\s*"type"\s*:\s*"FeatureCollection"\s*,\s*"features"\s*:\s*\[')
+_BETWEEN = re.compile(r"\s*,?\s*")
+
+
+def _annotation_features(text: str) -> Iterator[dict]:
+    """The ``objectType == "annotation"`` features of a GeoJSON FeatureCollection text.
+
+    The exporter writes one feature per scored tile before the few regions (76k tiles: 22 MiB of
+    text, ~170 MiB as Python objects; benchmarks/RESULTS.md); features are decoded one at a time
+    and tiles dropped at once, so only the text and the regions are held. Another layout falls
+    back to ``json.loads``.
+    """
+    head = _COLLECTION_HEAD.match(text)
+    if head is None:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("type") != "FeatureCollection":
+            raise ValueError("not a GeoJSON FeatureCollection")
+        features: Iterator[dict] = iter(data.get("features") or [])
+    else:
+        features = _each_feature(text, head.end())
+    for f in features:
+        if isinstance(f, dict) and (f.get("properties") or {}).get("objectType") == "annotation":
+            yield f
+
+
+def _each_feature(text: str, i: int) -> Iterator[dict]:
+    decoder = json.JSONDecoder()
+    while True:
+        i = _BETWEEN.match(text, i).end()
+        if text.startswith("]", i):
+            return
+        feature, i = decoder.raw_decode(text, i)
+        yield feature
+
+
+def _region(feature: dict, dx: float, dy: float) -> dict:
+    """What the page draws of one exported region: its outline moved by (dx, dy) and its scores."""
+    props = feature.get("properties") or {}
+    meas = props.get("measurements") or {}
+    cls = props.get("classification") or {}
+    return {
+        "type": "Feature",
+        "geometry": _shift(feature["geometry"], dx, dy),
+        "properties": {
+            "name": props.get("name"),
+            "class": cls.get("name"),
+            "color": cls.get("color"),
+            "score_max": meas.get("score_max"),
+            "score_mean": meas.get("score_mean"),
+            "area_um2": meas.get("area_um2"),
+        },
+    }
+
+
+def _shift(geometry: dict, dx: float, dy: float) -> dict:
+    """A Polygon/MultiPolygon moved by (dx, dy)."""
+    kind, coords = geometry["type"], geometry["coordinates"]
+    if kind not in ("Polygon", "MultiPolygon"):
+        raise ValueError(f"unsupported region geometry {kind!r} (the exporter writes polygons)")
+    polys = [coords] if kind == "Polygon" else coords
+    moved = [[[[x + dx, y + dy] for x, y, *_ in ring] for ring in poly] for poly in polys]
+    return {"type": kind, "coordinates": moved[0] if kind == "Polygon" else moved}
 
 
 class Catalog:
@@ -114,6 +218,7 @@ class Catalog:
                     "bag_probability": m.get("bag_probability"),
                     "predicted_class": m.get("predicted_class"),
                     "threshold": m.get("threshold"),
+                    "n_regions": m.get("n_regions"),
                 }
             )
         return out

@@ -8,15 +8,15 @@ from pathlib import Path
 from flask import Flask, Response, abort, jsonify, request, send_from_directory
 
 from pathopeft.viewer.catalog import Catalog
-from pathopeft.viewer.tiles import LRUCache, SlideTiler
+from pathopeft.viewer.tiles import SlideTiler, TileCache
 
 STATIC = Path(__file__).parent / "static"
 
 
-def create_app(root: str | Path, *, cache_tiles: int = 2048) -> Flask:
-    """Build the viewer app over the export folder(s) under ``root``."""
+def create_app(root: str | Path, *, cache_mb: float = 256) -> Flask:
+    """Build the viewer app over the export folder(s) under ``root``; tiles cached up to ``cache_mb`` MiB."""
     catalog = Catalog(root)
-    cache = LRUCache(cache_tiles)
+    cache = TileCache(int(cache_mb * 2**20))
     tilers: dict[str, SlideTiler] = {}
     tilers_lock = threading.Lock()
     app = Flask(__name__, static_folder=None)
@@ -74,13 +74,23 @@ def create_app(root: str | Path, *, cache_tiles: int = 2048) -> Flask:
         return Response(data, mimetype="image/png")
 
     @app.get("/api/<task>/<slide_id>/regions")
-    def regions(task: str, slide_id: str) -> Response:
+    def regions(task: str, slide_id: str) -> Response | tuple[Response, int]:
+        """The exported GeoJSON's region annotations, as written (cut at the export threshold)."""
+        entry = tiler(task, slide_id).entry
+        try:
+            return jsonify(entry.exported_regions())
+        except ValueError as err:  # a broken export file: say which, do not draw nothing silently
+            return jsonify({"error": str(err)}), 500
+
+    @app.get("/api/<task>/<slide_id>/above")
+    def above(task: str, slide_id: str) -> Response:
+        """Outline of the scored tiles at or above ``?threshold=`` (the slider's overlay)."""
         t = tiler(task, slide_id)
         try:
             thr = float(request.args.get("threshold", t.info()["threshold"]))
         except ValueError:
             abort(400)
-        return jsonify(t.regions(thr))
+        return jsonify(t.above(thr))
 
     @app.get("/api/<task>/<slide_id>/score")
     def score(task: str, slide_id: str) -> Response:

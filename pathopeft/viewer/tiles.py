@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 
+import cachetools
 import matplotlib
 import numpy as np
 import openslide
@@ -21,25 +22,39 @@ TILE = 256
 OVERLAP = 0
 
 
-class LRUCache:
-    """A bounded, thread-safe bytes cache (tile count cap) so panning cannot grow memory without end."""
+class TileCache:
+    """A thread-safe LRU cache of encoded tiles bounded by their total bytes, not their count.
 
-    def __init__(self, max_items: int = 2048) -> None:
-        self.max_items = max_items
-        self._data: OrderedDict[tuple, bytes] = OrderedDict()
+    Slide JPEGs and heatmap PNGs differ by 10× in size (an empty heatmap tile is a few hundred bytes,
+    a dense slide tile tens of kB), so a count cap does not bound memory; ``cachetools.LRUCache`` with
+    ``getsizeof=len`` does. A tile larger than the whole budget is served but not kept.
+    """
+
+    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"tile cache size must be >= 0 bytes, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._data: cachetools.LRUCache[tuple, bytes] = cachetools.LRUCache(maxsize=max_bytes, getsizeof=len)
         self._lock = threading.Lock()
 
     def get_or_make(self, key: tuple, make: Callable[[], bytes]) -> bytes:
+        """The cached tile for ``key``, or ``make()``'s, cached (made outside the lock: tiles are slow)."""
         with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
-                return self._data[key]
+            hit = self._data.get(key)
+        if hit is not None:
+            return hit
         value = make()
-        with self._lock:
+        with self._lock, contextlib.suppress(ValueError):  # ValueError: larger than the whole budget
             self._data[key] = value
-            while len(self._data) > self.max_items:
-                self._data.popitem(last=False)
         return value
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tiles held now (always <= ``max_bytes``)."""
+        return int(self._data.currsize)
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._data
 
     def __len__(self) -> int:
         return len(self._data)
@@ -114,8 +129,12 @@ class SlideTiler:
         Image.fromarray(rgba, "RGBA").save(buf, "PNG")
         return buf.getvalue()
 
-    def regions(self, threshold: float) -> dict:
-        """GeoJSON (level-0 full-frame px) of the union of scored tiles with score ≥ threshold."""
+    def above(self, threshold: float) -> dict:
+        """GeoJSON (level-0 full-frame px) of the union of scored tiles with score ≥ ``threshold``.
+
+        This is the slider's "what if the cut were here" outline from the per-tile scores; the
+        exported regions (``SlideEntry.exported_regions``) stay as the export wrote them.
+        """
         df = self.entry.scores
         sel = df[df["score"] >= threshold]
         boxes = [

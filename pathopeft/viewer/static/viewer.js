@@ -1,18 +1,32 @@
 "use strict";
-// pathopeft viewer: slide + heatmap as two aligned DeepZoom layers, regions as an SVG overlay.
+// pathopeft viewer: slide + heatmap as two aligned DeepZoom layers; an SVG overlay with the exported
+// GeoJSON regions (solid, as written by `pathopeft heatmap`) and the tiles at or above the threshold
+// slider (dashed, from the per-tile scores).
 const $ = (id) => document.getElementById(id);
-const state = { slides: [], cur: null, info: null, regionsOn: true, heatOn: true };
+const state = { slides: [], cur: null, info: null, regions: null, above: null,
+  regionsOn: true, aboveOn: true, heatOn: true };
 const viewer = OpenSeadragon({ id: "osd", prefixUrl: "/static/openseadragon/images/", showNavigator: true,
   crossOriginPolicy: false, maxZoomPixelRatio: 4 });
 window.pathopeftViewer = viewer;
+window.pathopeftState = state;
 const NS = "http://www.w3.org/2000/svg";
 const svg = document.createElementNS(NS, "svg");
 svg.setAttribute("class", "regions");
-svg.setAttribute("id", "regions");
+const gRegions = document.createElementNS(NS, "g");
+gRegions.setAttribute("id", "regions");
+const gAbove = document.createElementNS(NS, "g");
+gAbove.setAttribute("id", "above");
+svg.append(gAbove, gRegions);
 viewer.canvas.appendChild(svg);
 
 function base(s) { return `/api/${encodeURIComponent(s.task)}/${encodeURIComponent(s.slide_id)}`; }
 function heatLayer() { return viewer.world.getItemCount() > 1 ? viewer.world.getItemAt(1) : null; }
+async function getJson(url) {
+  const r = await fetch(url);
+  const body = await r.json();
+  if (!r.ok) throw new Error(`${url}: ${body.error || r.status}`);
+  return body;
+}
 
 function writeUrl() {
   if (!state.cur) return;
@@ -23,59 +37,92 @@ function writeUrl() {
   history.replaceState(null, "", "?" + p.toString());
 }
 
+// view: {threshold, x, y, z} to land on (from the URL or the slide being left); absent = whole slide
 async function loadSlide(s, view) {
   state.cur = s;
-  const info = await (await fetch(base(s) + "/info")).json();
+  state.regions = state.above = null;
+  const info = await getJson(base(s) + "/info");
+  if (state.cur !== s) return;
   state.info = info;
   document.querySelectorAll("#slides li").forEach((li) => li.classList.toggle("active", li.dataset.key === s.task + "/" + s.slide_id));
   $("meta").textContent = `${info.class ?? ""} p=${info.bag_probability ?? "?"}  ${info.width}×${info.height}px  ${info.mpp ? info.mpp + " µm/px" : "no µm/px"}`;
-  if (view && view.threshold !== undefined) $("threshold").value = view.threshold;
-  else $("threshold").value = info.threshold;
+  $("threshold").value = view && view.threshold !== undefined && view.threshold !== null ? view.threshold : info.threshold;
   const opacity = parseFloat($("opacity").value);
   const src = (kind, ext) => ({ width: info.width, height: info.height, tileSize: info.tile_size, tileOverlap: info.overlap,
     minLevel: 0, maxLevel: info.max_level, getTileUrl: (l, x, y) => `${base(s)}/${kind}_files/${l}/${x}_${y}.${ext}` });
-  viewer.open([{ tileSource: src("slide", "jpeg") }, { tileSource: src("heatmap", "png"), opacity: state.heatOn ? opacity : 0 }]);
   viewer.addOnceHandler("open", () => {
+    if (state.cur !== s) return;  // another slide was asked for meanwhile; its own handler follows
     if (view && view.z) { viewer.viewport.zoomTo(view.z, null, true); viewer.viewport.panTo(new OpenSeadragon.Point(view.x, view.y), true); }
-    refreshRegions();
+    loadRegions(s);
+    refreshAbove();
   });
+  viewer.open([{ tileSource: src("slide", "jpeg") }, { tileSource: src("heatmap", "png"), opacity: state.heatOn ? opacity : 0 }]);
 }
 
-let regionsToken = 0;
-async function refreshRegions() {
+async function loadRegions(s) {
+  const gj = await getJson(base(s) + "/regions");
+  if (state.cur !== s) return;
+  state.regions = gj;
+  $("exportthr").textContent = gj.source ? `t = ${gj.threshold} in ${gj.source}` : "– (no GeoJSON exported)";
+  draw();
+}
+
+let aboveToken = 0;
+async function refreshAbove() {
   if (!state.cur) return;
   const thr = $("threshold").value;
   $("thrval").textContent = thr;
-  const token = ++regionsToken;
-  const gj = await (await fetch(`${base(state.cur)}/regions?threshold=${thr}`)).json();
-  if (token !== regionsToken) return;
-  state.regions = gj;
-  drawRegions();
+  const token = ++aboveToken;
+  const gj = await getJson(`${base(state.cur)}/above?threshold=${thr}`);
+  if (token !== aboveToken) return;
+  state.above = gj;
+  draw();
   writeUrl();
 }
 
-function drawRegions() {
-  while (svg.firstChild) svg.removeChild(svg.firstChild);
+function pathD(item, geometry) {
+  const polys = geometry.type === "Polygon" ? [geometry.coordinates] : geometry.coordinates;
+  return polys.map((poly) => poly.map((ring) => "M " + ring.map(([x, y]) => {
+    const p = item.imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y));
+    return `${p.x.toFixed(1)},${p.y.toFixed(1)}`;
+  }).join(" L ") + " Z").join(" ")).join(" ");
+}
+
+function drawGroup(g, gj, on, style) {
+  g.replaceChildren();
   const item = viewer.world.getItemAt(0);
-  if (!state.regions || !item || !state.regionsOn) { svg.dataset.count = "0"; return; }
-  const r = viewer.container.getBoundingClientRect();
-  svg.setAttribute("width", r.width); svg.setAttribute("height", r.height);
   let n = 0;
-  for (const f of state.regions.features) {
-    const polys = f.geometry.type === "Polygon" ? [f.geometry.coordinates] : f.geometry.coordinates;
-    for (const poly of polys) {
-      const d = poly.map((ring) => ring.map(([x, y]) => {
-        const p = item.imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y));
-        return `${p.x.toFixed(1)},${p.y.toFixed(1)}`;
-      }).join(" L ")).map((s) => "M " + s + " Z").join(" ");
+  if (gj && item && on) {
+    for (const f of gj.features) {
       const path = document.createElementNS(NS, "path");
-      path.setAttribute("d", d); path.setAttribute("fill", "none"); path.setAttribute("stroke", "#0f0");
-      path.setAttribute("stroke-width", "2"); path.setAttribute("fill-rule", "evenodd");
-      svg.appendChild(path); n++;
+      path.setAttribute("d", pathD(item, f.geometry));
+      path.setAttribute("fill-rule", "evenodd");
+      style(path, f.properties || {});
+      g.appendChild(path); n++;
     }
   }
-  svg.dataset.count = String(n);
-  svg.dataset.threshold = String(state.regions.threshold);
+  g.dataset.count = String(n);
+}
+
+function draw() {
+  const r = viewer.container.getBoundingClientRect();
+  svg.setAttribute("width", r.width); svg.setAttribute("height", r.height);
+  const thr = parseFloat($("threshold").value);
+  let kept = 0;
+  drawGroup(gRegions, state.regions, state.regionsOn, (path, p) => {
+    const below = p.score_max !== null && p.score_max !== undefined && p.score_max < thr;
+    path.setAttribute("class", below ? "exported below" : "exported");
+    path.setAttribute("stroke", p.color ? `rgb(${p.color.join(",")})` : "#c80000");
+    path.dataset.scoreMax = p.score_max;
+    const title = document.createElementNS(NS, "title");
+    const area = p.area_um2 ? `, ${(p.area_um2 / 1e6).toFixed(3)} mm²` : "";
+    title.textContent = `${p.name ?? "region"}: max ${p.score_max?.toFixed(3)}, mean ${p.score_mean?.toFixed(3)}${area}`;
+    path.appendChild(title);
+    if (!below) kept++;
+  });
+  gRegions.dataset.kept = String(kept);
+  drawGroup(gAbove, state.above, state.aboveOn, (path) => path.setAttribute("class", "above"));
+  if (state.above) gAbove.dataset.threshold = String(state.above.threshold);
 }
 
 function updateScaleBar() {
@@ -91,54 +138,81 @@ function updateScaleBar() {
   $("scalebar-label").textContent = um >= 1000 ? `${um / 1000} mm` : `${um} µm`;
 }
 
-viewer.addHandler("animation", () => { drawRegions(); updateScaleBar(); });
+viewer.addHandler("animation", () => { draw(); updateScaleBar(); });
 viewer.addHandler("animation-finish", writeUrl);
-viewer.addHandler("resize", drawRegions);
+viewer.addHandler("resize", draw);
 
 let scoreTimer = null;
 new OpenSeadragon.MouseTracker({ element: viewer.container, moveHandler: (e) => {
   const item = viewer.world.getItemAt(0);
   if (!item || !state.cur) return;
   const p = item.viewerElementToImageCoordinates(e.position);
+  const s = state.cur;
   clearTimeout(scoreTimer);
   scoreTimer = setTimeout(async () => {
-    const r = await (await fetch(`${base(state.cur)}/score?x=${p.x}&y=${p.y}`)).json();
+    const r = await getJson(`${base(s)}/score?x=${p.x}&y=${p.y}`);
+    if (state.cur !== s) return;
     $("score").textContent = "score: " + (r.score === null ? "–" : r.score.toFixed(3));
+    $("score").dataset.task = s.task;
   }, 40);
 } });
 
-$("opacity").addEventListener("input", () => { const h = heatLayer(); if (h && state.heatOn) h.setOpacity(parseFloat($("opacity").value)); writeUrl(); });
-$("threshold").addEventListener("input", refreshRegions);
-$("task").addEventListener("change", () => { const s = state.slides.find((x) => x.task === $("task").value); renderList(); if (s) loadSlide(s); });
+function setOpacity() { const h = heatLayer(); if (h) h.setOpacity(state.heatOn ? parseFloat($("opacity").value) : 0); }
+$("opacity").addEventListener("input", () => { setOpacity(); writeUrl(); });
+$("threshold").addEventListener("input", () => { draw(); refreshAbove(); });
+// switching task keeps the slide and the view where that slide was exported for the new task too
+$("task").addEventListener("change", () => {
+  const prev = state.cur;
+  const same = prev && state.slides.find((x) => x.task === $("task").value && x.slide_id === prev.slide_id);
+  const s = same || state.slides.find((x) => x.task === $("task").value);
+  renderList();
+  if (!s) return;
+  const c = viewer.viewport.getCenter();
+  loadSlide(s, same ? { x: c.x, y: c.y, z: viewer.viewport.getZoom() } : undefined);
+});
 
 function step(id, d) { const el = $(id); el.value = Math.min(1, Math.max(0, parseFloat(el.value) + d)).toFixed(2); el.dispatchEvent(new Event("input")); }
-document.addEventListener("keydown", (e) => {
-  if (e.target.tagName === "SELECT") return;
+const KEYS = {
+  h: () => { state.heatOn = !state.heatOn; setOpacity(); },
+  "[": () => step("opacity", -0.1), "]": () => step("opacity", 0.1),
+  ",": () => step("threshold", -0.05), ".": () => step("threshold", 0.05),
+  "<": () => step("threshold", -0.05), ">": () => step("threshold", 0.05),
+  r: () => { state.regionsOn = !state.regionsOn; draw(); },
+  t: () => { state.aboveOn = !state.aboveOn; draw(); },
+  n: () => nextSlide(1), p: () => nextSlide(-1),
+};
+function nextSlide(d) {
   const list = state.slides.filter((s) => s.task === $("task").value);
+  if (!list.length) return;
   const i = list.indexOf(state.cur);
-  if (e.key === "h") { state.heatOn = !state.heatOn; const h = heatLayer(); if (h) h.setOpacity(state.heatOn ? parseFloat($("opacity").value) : 0); }
-  else if (e.key === "r") { state.regionsOn = !state.regionsOn; drawRegions(); }
-  else if (e.key === "[") step("threshold", -0.05);
-  else if (e.key === "]") step("threshold", 0.05);
-  else if (e.key === "-") step("opacity", -0.1);
-  else if (e.key === "=") step("opacity", 0.1);
-  else if (e.key === "n" && list.length) loadSlide(list[(i + 1) % list.length]);
-  else if (e.key === "p" && list.length) loadSlide(list[(i - 1 + list.length) % list.length]);
-});
+  loadSlide(list[(i + d + list.length) % list.length]);
+}
+// capture phase: ours run before OpenSeadragon's canvas keys (which would rotate on r), and keep
+// OpenSeadragon's zoom/pan keys (- = 0, arrows, w a s d) for it
+window.addEventListener("keydown", (e) => {
+  const tag = e.target.tagName;
+  if (tag === "SELECT" || (tag === "INPUT" && e.target.type !== "range") || e.ctrlKey || e.altKey || e.metaKey) return;
+  const act = KEYS[e.key];
+  if (!act) return;
+  e.preventDefault(); e.stopPropagation();
+  act();
+}, true);
 
 function renderList() {
   const ul = $("slides"); ul.innerHTML = "";
   for (const s of state.slides.filter((x) => x.task === $("task").value)) {
     const li = document.createElement("li");
     li.dataset.key = s.task + "/" + s.slide_id;
-    li.textContent = `${s.slide_id}  ${s.bag_probability !== null && s.bag_probability !== undefined ? Number(s.bag_probability).toFixed(2) : ""}`;
+    const p = s.bag_probability !== null && s.bag_probability !== undefined ? Number(s.bag_probability).toFixed(2) : "";
+    li.textContent = `${s.slide_id}  ${p}  ${s.n_regions ?? ""}${s.n_regions !== undefined && s.n_regions !== null ? " regions" : ""}`;
     li.onclick = () => loadSlide(s);
     ul.appendChild(li);
   }
+  if (state.cur) document.querySelectorAll("#slides li").forEach((li) => li.classList.toggle("active", li.dataset.key === state.cur.task + "/" + state.cur.slide_id));
 }
 
 (async () => {
-  state.slides = await (await fetch("/api/slides")).json();
+  state.slides = await getJson("/api/slides");
   const tasks = [...new Set(state.slides.map((s) => s.task))];
   for (const t of tasks) { const o = document.createElement("option"); o.value = o.textContent = t; $("task").appendChild(o); }
   const q = new URLSearchParams(location.search);

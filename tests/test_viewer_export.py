@@ -1,0 +1,75 @@
+"""The viewer over a real ``pathopeft heatmap`` export (not the hand-written fixture).
+
+Guards the contract between the two: the regions the viewer draws are the exporter's own region
+annotations (gzipped GeoJSON, slide with bounds) moved back to the full frame the DeepZoom layers
+show, and the per-tile outline at the export threshold comes from the same CSV scores.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import shapely
+from shapely import affinity
+from shapely.geometry import shape
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _heatmap_cohort import build_cohort
+
+from pathopeft.config import load_config
+from pathopeft.config.heatmap import HeatmapConfig
+from pathopeft.heatmaps import processor
+from pathopeft.heatmaps.processor import run_heatmaps
+from pathopeft.viewer import create_app
+
+BOUNDS = (100, 60)
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    root = tmp_path_factory.mktemp("viewer_export")
+    cohort = build_cohort(root)
+    feats = root / "one"
+    feats.mkdir()
+    shutil.copy(cohort.features / "t0.h5", feats)  # the held-out tumour slide
+    real = processor.read_geometry
+
+    def with_bounds(path, max_px, mpp=None):  # as for a slide with openslide.bounds-x/y
+        geo = real(path, max_px, mpp)
+        geo.bounds = BOUNDS
+        return geo
+
+    out = root / "heatmaps"
+    cfg = load_config(HeatmapConfig, None, ["formats=[csv, geojson]", "geojson_gzip=true"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(processor, "read_geometry", with_bounds)
+        result = run_heatmaps(cohort.checkpoint, cohort.slides / "t0.tiff", feats, out, cfg)
+    assert result.n_ok == 1
+    return out
+
+
+def test_viewer_draws_the_exporters_regions_in_the_full_frame(export):
+    data = json.loads(gzip.decompress((export / "t0.geojson.gz").read_bytes()))
+    written = [f for f in data["features"] if f["properties"]["objectType"] == "annotation"]
+    assert written, "the tumour slide should have exported regions"
+    task = json.loads((export / "t0.json").read_text())["task"]
+    c = create_app(export).test_client()
+    got = c.get(f"/api/{task}/t0/regions").get_json()
+    assert got["source"] == "t0.geojson.gz" and len(got["features"]) == len(written)
+    for g, w in zip(got["features"], written):
+        moved = affinity.translate(shape(w["geometry"]), *BOUNDS)
+        assert shape(g["geometry"]).equals(moved)
+        assert g["properties"]["score_max"] == w["properties"]["measurements"]["score_max"]
+    # the slider's outline at the export threshold covers the exported regions (same scores, and
+    # before min_region_tiles drops anything)
+    thr = got["threshold"]
+    above = shapely.union_all(
+        [shape(f["geometry"]) for f in c.get(f"/api/{task}/t0/above?threshold={thr}").get_json()["features"]]
+    )
+    regions = shapely.union_all([shape(f["geometry"]) for f in got["features"]])
+    assert regions.difference(above).area < 1e-6 * regions.area
