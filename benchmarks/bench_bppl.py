@@ -40,6 +40,7 @@ SCENARIOS = {
     "small": {"signal": 4.0, "lesion_share": (0.05, 0.15), "compact": True},
     "small_weak": {"signal": 2.5, "lesion_share": (0.05, 0.15), "compact": True},
     "small_scattered": {"signal": 4.0, "lesion_share": (0.05, 0.15), "compact": False},
+    "small_tiny": {"signal": 4.0, "lesion_share": (0.02, 0.05), "compact": True},
 }
 
 SETTINGS: dict[str, list[str]] = {
