@@ -99,3 +99,19 @@ def test_half_pixel_offset_is_interpolated_not_snapped(tmp_path: Path) -> None:
     assert np.abs(a - b).max() <= MAX_ABS
     snapped = fast.read_region((600, 400), 1, (64, 64)).astype(np.int16)
     assert np.abs(a - snapped).max() > MAX_ABS  # the old floor-snapping would not pass the line above
+
+
+def test_hamamatsu_is_not_claimed_by_the_fast_path(tmp_path: Path) -> None:
+    """NDPI levels are JPEG streams with restart markers, not tiled pages: OpenSlide reads them.
+
+    Even a tiled page the probe would accept must not be read directly under the hamamatsu
+    vendor (the old code claimed it and would then have decoded without NDPI's ``jpegheader``).
+    """
+    from pathopeft.wsi.tiff_backend import FAST_VENDORS, probe_tiff_levels
+
+    path = tmp_path / "tiled.tiff"
+    tifffile.imwrite(path, np.zeros((256, 256, 3), np.uint8), tile=(128, 128), photometric="rgb")
+    assert not isinstance(probe_tiff_levels(path, [(256, 256)], "generic-tiff"), str)
+    reason = probe_tiff_levels(path, [(256, 256)], "hamamatsu")
+    assert isinstance(reason, str) and "hamamatsu" in reason
+    assert "hamamatsu" not in FAST_VENDORS

@@ -49,7 +49,10 @@ __all__ = ["FAST_VENDORS", "TiffLevel", "TiffSlide", "probe_tiff_levels"]
 
 # OpenSlide vendors whose levels are plain tiled TIFF pages in the main IFD chain, read without
 # per-tile offsets or overlaps (Ventana BIF and Leica SCN are not: they stay on OpenSlide).
-FAST_VENDORS = frozenset({"aperio", "generic-tiff", "hamamatsu"})
+# Hamamatsu is not either: an NDPI level is one JPEG stream with restart markers (tifffile splits
+# it with the page's ``jpegheader`` and McuStarts, not with tile offsets) and VMS is not a TIFF;
+# no NDPI is available to test a direct decoder against OpenSlide, so NDPI stays on OpenSlide.
+FAST_VENDORS = frozenset({"aperio", "generic-tiff"})
 
 # Compressions whose tifffile decoding we checked against OpenSlide (JPEG 2000 variants of
 # Aperio are left to OpenSlide: its colour handling of YCbCr J2K differs from imagecodecs').
