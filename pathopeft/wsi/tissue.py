@@ -163,8 +163,9 @@ def _clean(mask: np.ndarray, min_region: float, fill_below: float | None) -> tup
     slide at 8 µm/px) labelling twice costs ~1 s, the contour tree ~0.05 s. Areas are pixel counts
     (:func:`_region_px`), not ``cv2.contourArea``: the polygon through the boundary pixels' centres
     misses half of every boundary pixel, so a small fragment measured ~20% small (issue 13 item 11).
-    Contours are redrawn by depth (tissue, its holes, islands inside holes, ...). A hole's outline runs through the tissue pixels around it, so a
-    hole kept open is filled with 0 and its outline redrawn with 1.
+    Contours are redrawn by depth (tissue, its holes, islands inside holes, ...). A hole's outline
+    runs through the tissue pixels around it, so a hole kept open is filled with 0 and its outline
+    redrawn with 1.
     Returns the new mask and the largest region area seen (px), for the empty-mask reason.
     """
     found, hierarchy = cv2.findContours(mask, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
