@@ -13,7 +13,9 @@ from pydantic import Field, field_validator, model_validator
 
 from pathopeft.config.base import StrictModel
 
-__all__ = ["GridConfig", "ReaderConfig", "SynthConfig", "TissueConfig"]
+__all__ = ["GridConfig", "PenColour", "ReaderConfig", "SynthConfig", "TissueConfig"]
+
+PenColour = Literal["blue", "green", "black", "red"]
 
 
 class ReaderConfig(StrictModel):
@@ -55,7 +57,7 @@ class TissueConfig(StrictModel):
     # Pen ink removed (by hue, brightfield only) before thresholding: marker strokes are saturated
     # and would otherwise count as tissue. blue and green never occur in H&E; black (also dark
     # debris and folds) and red (overlaps strongly stained eosin) are opt-in. [] turns it off.
-    pen_filter: list[Literal["blue", "green", "black", "red"]] = Field(default_factory=lambda: ["blue", "green"])
+    pen_filter: list[PenColour] = Field(default_factory=lambda: ["blue", "green"])
     # Pen pixels are grown by this margin (µm) to take the stroke's blended edges with them.
     pen_margin_um: float = Field(16.0, ge=0)
 
