@@ -168,3 +168,35 @@ def test_hole_area_is_its_pixel_count() -> None:
     cfg = TissueConfig(median_um=0, closing_um=0, min_region_um2=0)
     assert segment_tissue(image, 8.0, cfg.model_copy(update={"min_hole_um2": 2000})).mask[102, 102] == 0
     assert segment_tissue(image, 8.0, cfg.model_copy(update={"min_hole_um2": 2400})).mask[102, 102] == 1
+
+
+def test_flat_slide_is_decoded_once_for_mask_and_thumbnail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a single-level slide too large to read whole, the tissue mask and the thumbnail share
+    one strip-wise decode of level 0 (issue 13 item 15): every level-0 row is read once."""
+    import pathopeft.wsi.lowres as lowres
+    from pathopeft.wsi import render_thumbnail
+
+    path = tmp_path / "flat.tiff"
+    make_synthetic_slide(path, width=3000, height=2600, levels=1, seed=5, tile=256)
+    slide = open_slide(path)
+    rows: list[int] = []
+    original = slide.read_region
+
+    def spy(location, level, size):  # type: ignore[no-untyped-def]
+        rows.append(size[1])
+        return original(location, level, size)
+
+    monkeypatch.setattr(lowres, "STRIP_BYTES", 3000 * 3 * 100)  # level 0 counts as large
+    monkeypatch.setattr(slide, "read_region", spy)
+    mask = detect_tissue(slide, TissueConfig())
+    assert sum(rows) == 2600
+    drawn = render_thumbnail(slide, mask, None, tmp_path / "thumb.png", max_px=128)
+    assert sum(rows) == 2600, "the thumbnail decoded level 0 again"
+    assert max(drawn.shape[:2]) == 128 and (tmp_path / "thumb.png").is_file()
+    # A small slide (level 0 within one strip) keeps its full-size thumbnail read.
+    monkeypatch.setattr(lowres, "STRIP_BYTES", 64 * 1024 * 1024)
+    small = detect_tissue(slide, TissueConfig())
+    assert small.source is None
+    assert max(render_thumbnail(slide, small, None, tmp_path / "t2.png", max_px=1024).shape[:2]) == 1024

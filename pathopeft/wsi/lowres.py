@@ -14,7 +14,7 @@ import numpy as np
 
 from pathopeft.wsi.slide import Slide
 
-__all__ = ["STRIP_BYTES", "LowRes", "read_downsampled"]
+__all__ = ["STRIP_BYTES", "LowRes", "level_is_large", "read_downsampled"]
 
 STRIP_BYTES = 64 * 1024 * 1024  # RGB bytes read per strip before averaging
 
@@ -26,6 +26,16 @@ class LowRes:
         self.image = image  # (h, w, 3) uint8
         self.level = level  # pyramid level it was read from
         self.downsample = downsample  # level-0 px per image px
+
+
+def level_is_large(slide: Slide, level: int) -> bool:
+    """Whether decoding all of ``level`` is expensive (more than one strip, ``STRIP_BYTES``).
+
+    Such a read is worth sharing: on a single-level slide the tissue mask and the thumbnail
+    would otherwise each decode level 0 (issue 13 item 15).
+    """
+    width, height = slide.level_dimensions[level]
+    return width * height * 3 > STRIP_BYTES
 
 
 def read_downsampled(slide: Slide, downsample: float, *, coarser_tolerance: float = 1.5) -> LowRes:

@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 
 from pathopeft.config.wsi import TissueConfig
-from pathopeft.wsi.lowres import read_downsampled
+from pathopeft.wsi.lowres import LowRes, level_is_large, read_downsampled
 from pathopeft.wsi.slide import Slide
 
 __all__ = [
@@ -75,6 +75,9 @@ class TissueMask:
     holes: list[np.ndarray] = field(default_factory=list)  # hole outlines kept open, level-0 px
     reason: str | None = None  # why the mask is empty (None when it is not)
     level: int = 0  # pyramid level the mask was computed from
+    # The RGB view the mask was computed from, kept only when reading it decoded a large level
+    # (a single-level slide): the thumbnail reuses it instead of decoding that level again.
+    source: LowRes | None = field(default=None, repr=False)
 
     @property
     def area_um2(self) -> float:
@@ -95,6 +98,7 @@ def detect_tissue(slide: Slide, cfg: TissueConfig | None = None) -> TissueMask:
     result = segment_tissue(low.image, slide_mpp * low.downsample, cfg)
     result.downsample = low.downsample
     result.level = low.level
+    result.source = low if level_is_large(slide, low.level) else None
     result.contours = [(c + 0.5) * low.downsample for c in result.contours]
     result.holes = [(c + 0.5) * low.downsample for c in result.holes]
     return result
