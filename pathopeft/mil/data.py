@@ -207,7 +207,7 @@ def compute_tile_labels(
                 "%s: annotated, but its bag has no coordinates/tile size; no tile labels", item.slide_id
             )
             continue
-        regions = read_annotations(path)
+        regions = read_annotations(path, bounds_offset=attrs.get("bounds_offset"))  # QuPath's frame
         labels[item.slide_id] = tile_labels(regions, coords, size, cfg.tile_label_threshold).astype(np.int8)
     log.info("tile labels for %d of %d slides", len(labels), len(items))
     return labels
