@@ -176,6 +176,7 @@ class SlideProcessor:
         attrs = {
             "backbone": ex.backbone.name,
             "weights": ex.backbone.weights_id,
+            "weights_tensors_sha256": ex.backbone.tensors_sha256 or "",
             "feature_dim": int(feats.shape[1]),
             "mpp": mpp,
             "target_mpp": float(grid.target_mpp),
