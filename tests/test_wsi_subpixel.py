@@ -115,3 +115,19 @@ def test_hamamatsu_is_not_claimed_by_the_fast_path(tmp_path: Path) -> None:
     reason = probe_tiff_levels(path, [(256, 256)], "hamamatsu")
     assert isinstance(reason, str) and "hamamatsu" in reason
     assert "hamamatsu" not in FAST_VENDORS
+
+
+def test_strip_reads_of_a_non_integer_level_are_exact_level_rows(
+    texture: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Low-resolution strips copy level rows (no sub-pixel resampling, no float copy of a strip)."""
+    import pathopeft.wsi.lowres as lowres
+    from pathopeft.wsi.lowres import _block_mean, read_downsampled
+
+    path = tmp_path / "nonint.tiff"
+    _write_pyramid(path, texture, [(299, 249), (149, 125)], "deflate")
+    slide = open_slide(path)
+    monkeypatch.setattr(lowres, "STRIP_BYTES", 299 * 3 * 20)  # ~20 rows of level 1 per strip
+    low = read_downsampled(slide, 1.5 * slide.level_downsamples[1], coarser_tolerance=1.0)
+    assert low.level == 1 and low.image.shape == (249, 299, 3)  # level 1 itself, in strips
+    np.testing.assert_array_equal(low.image, _block_mean(slide.read_level(1), 1))

@@ -242,6 +242,11 @@ class TiffSlide(Slide):
         window = self._compose(int(level), lx, ly, width + (ax > 0), height + (ay > 0))
         return _shift_subpixel(window, ax, ay) if ax or ay else window
 
+    def read_level_pixels(self, level: int, x: int, y: int, size: tuple[int, int]) -> np.ndarray:
+        """Level pixels from level coordinates ``(x, y)``: copied from the stored tiles, no resampling."""
+        _check_request(self, level, size)
+        return self._compose(int(level), int(x), int(y), int(size[0]), int(size[1]))
+
     def _compose(self, level: int, lx: int, ly: int, width: int, height: int) -> np.ndarray:
         """``height × width`` pixels of ``level`` whose top-left is level pixel ``(lx, ly)``."""
         fd, levels = self._open()
