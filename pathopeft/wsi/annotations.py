@@ -15,7 +15,7 @@ Annotations are polygons in level-0 pixels. Two readers, picked by file suffix (
   objects QuPath calls ``detection``/``cell``/``tile`` are skipped (they are not region annotations).
   QuPath shows (and exports) a slide cropped to OpenSlide's bounds, so its coordinates are
   level-0 px minus ``openslide.bounds-x/y``: pass the slide's bounds as ``offset`` (the tile stage
-  records them as the ``bounds_offset`` attribute of coords and feature bags) and they are added
+  records them as the ``bounds_x``/``bounds_y`` attributes of coords and feature bags) and they are added
   back. ASAP XML is in the full level-0 frame and takes no offset.
 
 Tile labels (:func:`tile_labels`): a tile is tumour when the tumour share of its area is ≥
