@@ -106,3 +106,18 @@ def test_default_filter_keeps_real_he_tissue(shared_data: Path, cmu: np.ndarray)
         without = segment_tissue(image, mpp, NO_PEN.model_copy(update=kw)).mask
         with_pen = segment_tissue(image, mpp, TissueConfig(**kw)).mask
         assert with_pen.sum() >= 0.99 * without.sum(), (mpp, with_pen.sum(), without.sum())
+
+
+def test_large_masks_find_pen_at_half_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The half-resolution path (large masks) removes the same stroke."""
+    import pathopeft.wsi.tissue as tissue
+
+    image = np.full((300, 400, 3), 245, np.uint8)
+    image[100:200, 20:120] = (200, 90, 170)
+    stroke = _stroke(image, BLUE_INK, 8, seed=0)
+    cfg = TissueConfig(median_um=0, closing_um=0)
+    full = segment_tissue(image, 8.0, cfg).mask
+    monkeypatch.setattr(tissue, "PEN_HALF_RES_PX", 100)
+    half = segment_tissue(image, 8.0, cfg).mask
+    assert full[stroke > 0].sum() == 0 and half[stroke > 0].sum() == 0
+    assert (full != half).mean() < 0.01

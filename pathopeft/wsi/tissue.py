@@ -115,10 +115,10 @@ def segment_tissue(image: np.ndarray, mpp: float, cfg: TissueConfig) -> TissueMa
         signal = cv2.medianBlur(signal, median)
     pen_px = 0
     if modality == "brightfield" and cfg.pen_filter:
-        pen = pen_mask(hsv, cfg.pen_filter, round(cfg.pen_margin_um / mpp))
+        pen = _pen_255(image, hsv, cfg.pen_filter, cfg.pen_margin_um / mpp)
         pen_px = int(cv2.countNonZero(pen))
         if pen_px:
-            signal = cv2.subtract(signal, pen * np.uint8(255))  # saturates to 0 on ink
+            signal = cv2.subtract(signal, pen)  # saturates to 0 on ink
     threshold, reason = _threshold(signal, cfg, modality)
     mask = (signal > threshold).astype(np.uint8)
     closing = _odd(cfg.closing_um / mpp)
@@ -173,6 +173,25 @@ def pen_mask(hsv: np.ndarray, pens: list[str], margin_px: int = 0) -> np.ndarray
     (on the real CMU-1 region the opening cuts the tissue lost from 1.8% to < 1%). Then dilated
     by ``margin_px`` so the stroke's edges, blended with glass or tissue, go too.
     """
+    return _pen_hsv_255(hsv, pens, margin_px) // 255
+
+
+# Above this many mask pixels the pen mask is found at half resolution (strokes are hundreds of
+# µm wide, so nothing is lost; on a 6250² mask it saves ~0.2 s of the ~1 s segmentation).
+PEN_HALF_RES_PX = 4096 * 4096
+
+
+def _pen_255(image: np.ndarray, hsv: np.ndarray, pens: list[str], margin_px: float) -> np.ndarray:
+    """Pen mask (0/255) of ``image``, computed at half resolution for large images."""
+    h, w = image.shape[:2]
+    if h * w <= PEN_HALF_RES_PX:
+        return _pen_hsv_255(hsv, pens, round(margin_px))
+    small = cv2.resize(image, (max(1, w // 2), max(1, h // 2)), interpolation=cv2.INTER_AREA)
+    half = _pen_hsv_255(cv2.cvtColor(small, cv2.COLOR_RGB2HSV), pens, round(margin_px / 2))
+    return cv2.resize(half, (w, h), interpolation=cv2.INTER_NEAREST)
+
+
+def _pen_hsv_255(hsv: np.ndarray, pens: list[str], margin_px: int) -> np.ndarray:
     out: np.ndarray | None = None
     for pen in pens:
         hue_ranges, s_min, v_max = PEN_HSV[pen]
@@ -186,7 +205,7 @@ def pen_mask(hsv: np.ndarray, pens: list[str], margin_px: int = 0) -> np.ndarray
     if margin_px > 0 and cv2.countNonZero(out):
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin_px + 1, 2 * margin_px + 1))
         out = cv2.dilate(out, kernel)
-    return out // 255
+    return out
 
 
 def _threshold(signal: np.ndarray, cfg: TissueConfig, modality: str) -> tuple[float, str | None]:
