@@ -52,6 +52,9 @@ def test_real_slides_svs_tiff_dicom(tmp_path, shared_data) -> None:
     with h5py.File(out / "features" / "resnet18" / "CMU-1-Small-Region.h5", "r") as f:
         assert f["features"][:].shape == (n, 512) and f["coords"][:].shape == (n, 2)
         tile0 = f.attrs["patch_size_level0"]
+        # what made the features (issue 13 items 5, 9): QuPath frame offset, loaded tensors' hash
+        assert (f.attrs["bounds_x"], f.attrs["bounds_y"]) == (0, 0)
+        assert len(f.attrs["weights_tensors_sha256"]) == 64
         coords = f["coords"][:]
     assert tile0 == round(64 * 2.0 / 0.499)
     assert 20 <= n <= 88  # 8 × 11 grid cells of 256 level-0 px, most of them tissue
@@ -68,7 +71,9 @@ def test_real_slides_svs_tiff_dicom(tmp_path, shared_data) -> None:
     # the CSV's mpp column overrides wrong metadata
     table = tmp_path / "boxes.csv"
     table.write_text(f"path,mpp\n{slides / 'boxes.tiff'},0.5\n")
-    _run(table, "--out", out, *FAST, "--target-mpp", "1.0", "--set", "tissue.min_region_um2=0")
+    # (its boxes are pure red/green/blue, which the pen filter rightly takes for ink: off here)
+    _run(table, "--out", out, *FAST, "--target-mpp", "1.0", "--set", "tissue.min_region_um2=0",
+         "--set", "tissue.pen_filter=[]")  # fmt: skip
     rows = _manifest(out)
     assert rows["boxes"]["status"] == "ok" and float(rows["boxes"]["mpp"]) == 0.5
     assert rows["CMU-1-Small-Region"]["status"] == "ok"  # kept from the first run

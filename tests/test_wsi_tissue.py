@@ -143,3 +143,60 @@ def test_single_level_large_slide_is_read_in_strips(tmp_path: Path, monkeypatch:
     assert len(calls) > 10 and max(h for _, h in calls) <= 112
     np.testing.assert_array_equal(strips.mask, whole.mask)
     assert strips.area_um2 == pytest.approx(info.tissue_area_um2(), rel=0.05)
+
+
+def test_min_region_compares_pixel_counts_not_contour_area() -> None:
+    """A 9 × 9 px fragment at 8 µm/px is 81 px = 5,184 µm²; its outline polygon (through the
+    boundary pixels' centres) encloses only 8 × 8 = 64 px = 4,096 µm² (issue 13 item 11)."""
+    image = np.full((200, 200, 3), 255, np.uint8)
+    image[40:49, 40:49] = (200, 80, 160)
+    cfg = TissueConfig(min_region_um2=5000, median_um=0, closing_um=0)
+    mask = segment_tissue(image, 8.0, cfg)
+    assert not mask.is_empty and mask.area_um2 == pytest.approx(81 * 64)
+    # The empty-mask reason reports the largest region by the same pixel count.
+    dropped = segment_tissue(image, 8.0, cfg.model_copy(update={"min_region_um2": 6000}))
+    assert dropped.is_empty and "largest 5184 µm²" in (dropped.reason or "")
+
+
+def test_hole_area_is_its_pixel_count() -> None:
+    """A 6 × 6 px hole (2,304 µm² at 8 µm/px) is kept open by min_hole_um2 = 2,000 (its outline
+    polygon through the surrounding tissue pixels would measure 7 × 7 = 3,136 µm²) and filled by
+    min_hole_um2 = 2,400."""
+    image = np.full((200, 200, 3), 255, np.uint8)
+    image[20:180, 20:180] = (200, 80, 160)
+    image[100:106, 100:106] = 255
+    cfg = TissueConfig(median_um=0, closing_um=0, min_region_um2=0)
+    assert segment_tissue(image, 8.0, cfg.model_copy(update={"min_hole_um2": 2000})).mask[102, 102] == 0
+    assert segment_tissue(image, 8.0, cfg.model_copy(update={"min_hole_um2": 2400})).mask[102, 102] == 1
+
+
+def test_flat_slide_is_decoded_once_for_mask_and_thumbnail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a single-level slide too large to read whole, the tissue mask and the thumbnail share
+    one strip-wise decode of level 0 (issue 13 item 15): every level-0 row is read once."""
+    import pathopeft.wsi.lowres as lowres
+    from pathopeft.wsi import render_thumbnail
+
+    path = tmp_path / "flat.tiff"
+    make_synthetic_slide(path, width=3000, height=2600, levels=1, seed=5, tile=256)
+    slide = open_slide(path)
+    rows: list[int] = []
+    original = slide.read_region
+
+    def spy(location, level, size):  # type: ignore[no-untyped-def]
+        rows.append(size[1])
+        return original(location, level, size)
+
+    monkeypatch.setattr(lowres, "STRIP_BYTES", 3000 * 3 * 100)  # level 0 counts as large
+    monkeypatch.setattr(slide, "read_region", spy)
+    mask = detect_tissue(slide, TissueConfig())
+    assert sum(rows) == 2600
+    drawn = render_thumbnail(slide, mask, None, tmp_path / "thumb.png", max_px=128)
+    assert sum(rows) == 2600, "the thumbnail decoded level 0 again"
+    assert max(drawn.shape[:2]) == 128 and (tmp_path / "thumb.png").is_file()
+    # A small slide (level 0 within one strip) keeps its full-size thumbnail read.
+    monkeypatch.setattr(lowres, "STRIP_BYTES", 64 * 1024 * 1024)
+    small = detect_tissue(slide, TissueConfig())
+    assert small.source is None
+    assert max(render_thumbnail(slide, small, None, tmp_path / "t2.png", max_px=1024).shape[:2]) == 1024

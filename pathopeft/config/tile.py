@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pathopeft.config.base import StrictModel
 from pathopeft.config.wsi import GridConfig, ReaderConfig, TissueConfig
@@ -44,6 +44,15 @@ class FeatureConfig(StrictModel):
     seed: int = 0
     # Extra timm.create_model kwargs, e.g. {init_values: 1.0e-5, dynamic_img_size: true} for UNI.
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    # Input normalisation, RGB in [0, 1]. null = the statistics of timm's config for `backbone`
+    # (its default pretrained tag), which is wrong when the weights come from elsewhere: UNI wants
+    # ImageNet's [0.485, 0.456, 0.406] / [0.229, 0.224, 0.225], CONCH-style (OpenAI CLIP) encoders
+    # [0.48145466, 0.4578275, 0.40821073] / [0.26862954, 0.26130258, 0.27577711], while timm's
+    # vit_large_patch16_224 says 0.5 / 0.5. Set both or neither. Part of the resume fingerprint.
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    # Resize interpolation to the model's input size; null = timm's config for `backbone`.
+    interpolation: Literal["bilinear", "bicubic"] | None = None
     # Size fed to the model: "model" = the model's own input size from its timm data config
     # (as CLAM/TRIDENT/UNI do: a 256-px tile → 224 px), "tile" = grid.tile_px unchanged,
     # or an int. The resize is one step from the region read off the pyramid.
@@ -63,6 +72,26 @@ class FeatureConfig(StrictModel):
         if isinstance(value, int) and value < 8:
             raise ValueError("resize_to must be 'model', 'tile' or a size in pixels >= 8")
         return value
+
+    @field_validator("mean")
+    @classmethod
+    def _mean_range(cls, value: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if value is not None and not all(0.0 <= v <= 1.0 for v in value):
+            raise ValueError("mean is per RGB channel of [0, 1] pixels: three numbers in 0-1")
+        return value
+
+    @field_validator("std")
+    @classmethod
+    def _std_range(cls, value: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if value is not None and not all(0.0 < v <= 1.0 for v in value):
+            raise ValueError("std is per RGB channel of [0, 1] pixels: three numbers in (0, 1]")
+        return value
+
+    @model_validator(mode="after")
+    def _mean_with_std(self) -> FeatureConfig:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("features.mean and features.std go together: set both (or neither)")
+        return self
 
     @field_validator("name")
     @classmethod

@@ -13,7 +13,9 @@ from pydantic import Field, field_validator, model_validator
 
 from pathopeft.config.base import StrictModel
 
-__all__ = ["GridConfig", "ReaderConfig", "SynthConfig", "TissueConfig"]
+__all__ = ["GridConfig", "PenColour", "ReaderConfig", "SynthConfig", "TissueConfig"]
+
+PenColour = Literal["blue", "green", "black", "red"]
 
 
 class ReaderConfig(StrictModel):
@@ -52,6 +54,17 @@ class TissueConfig(StrictModel):
     # Tissue pieces smaller than this are dropped (dust, debris). 10,000 µm² = a 100 µm square,
     # less than one 256-px tile at 0.5 µm/px, so small biopsies and TMA cores (~280,000 µm²) stay.
     min_region_um2: float = Field(10_000.0, ge=0)
+    # Pen ink removed (by hue, brightfield only) before thresholding: marker strokes are saturated
+    # and would otherwise count as tissue. blue and green never occur in H&E; black (also dark
+    # debris and folds) and red (overlaps strongly stained eosin) are opt-in. [] turns it off.
+    pen_filter: list[PenColour] = Field(default_factory=lambda: ["blue", "green"])
+    # Pen pixels are grown by this margin (µm) to take the stroke's blended edges with them.
+    pen_margin_um: float = Field(16.0, ge=0)
+
+    @field_validator("pen_filter")
+    @classmethod
+    def _unique_pens(cls, value: list[str]) -> list[str]:
+        return sorted(set(value))
 
     @field_validator("threshold")
     @classmethod

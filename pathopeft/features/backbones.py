@@ -6,16 +6,21 @@ ImageNet CNN/ViT and the pathology foundation models published on the Hugging Fa
 input size), so the features match what the model was trained on.
 
 Weights are never loaded by unpickling code: safetensors, or ``torch.load(weights_only=True)``.
-A :class:`Backbone` carries a ``weights_id`` (``sha256:<hex>`` of a local file, ``hub:<name>``, or
-``random:<seed>``) that ends up in every feature bag, so a later run knows what made them.
+A :class:`Backbone` carries a ``weights_id`` (``sha256:<hex>`` of a local file, ``hub:<resolved
+tag>``, or ``random:<seed>``) and, for hub and random weights, ``tensors_sha256``, a hash of the
+loaded tensors. Both end up in every feature bag and in the resume fingerprint, so a later run
+knows what made them: a bare hub name (``resnet50``) is recorded as the tag timm resolved it to
+(``resnet50.a1_in1k``), and if timm's default tag — or the weights behind it — change, resumed
+slides are recomputed instead of mixing two weight sets in one cohort (issue 13 item 9).
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,8 @@ __all__ = [
     "build_backbone",
     "load_weights_file",
     "match_state_dict",
+    "resolved_tag",
+    "tensors_sha256",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,13 +59,15 @@ class Backbone:
 
     name: str
     model: nn.Module
-    weights_id: str  # "sha256:<hex>" | "hub:<name>" | "random:<seed>"
+    weights_id: str  # "sha256:<hex>" | "hub:<resolved tag>" | "random:<seed>"
     input_size: tuple[int, int]  # (H, W) the model expects when ``resize_to="model"``
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
     dim: int = 0
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # sha256 of the loaded tensors (hub and random weights; a local file is its own sha256).
+    tensors_sha256: str | None = None
 
     @property
     def dirname(self) -> str:
@@ -77,13 +86,22 @@ def build_backbone(
     weights: str | Path | None = None,
     seed: int = 0,
     model_kwargs: Mapping[str, Any] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str | None = None,
 ) -> Backbone:
     """Build ``name`` (any timm model) in eval mode with its classifier removed (``num_classes=0``).
 
     Weight source, in priority order: ``weights`` (a local safetensors / state-dict file; every
     key must match), else ``pretrained`` (the hub; offline → :class:`OfflineHubError` saying what
     to pass instead), else a random init seeded with ``seed`` (identical on every rank).
+
+    ``mean`` / ``std`` / ``interpolation`` replace what timm's config of ``name`` says (its default
+    tag's statistics): weights loaded from a file were often trained with other ones (UNI:
+    ImageNet statistics, where timm's ``vit_large_patch16_224`` says 0.5 / 0.5).
     """
+    if (mean is None) != (std is None):
+        raise BackboneError("mean and std go together: give both (or neither)")
     import timm
 
     kwargs = dict(model_kwargs or {})
@@ -101,21 +119,54 @@ def build_backbone(
         weights_id = f"sha256:{sha256_file(weights)}"
     elif pretrained:
         model = _create(name, True, kwargs)
-        weights_id = f"hub:{name}"
+        weights_id = f"hub:{resolved_tag(model, name)}"
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = _create(name, False, kwargs)
         weights_id = f"random:{seed}"
     model.eval().requires_grad_(False)
+    tensors = None if weights is not None else tensors_sha256(model)
+    prep = _preprocessing(model, kwargs)
+    if mean is not None and std is not None:
+        prep["mean"] = tuple(float(v) for v in mean)
+        prep["std"] = tuple(float(v) for v in std)
+    if interpolation is not None:
+        prep["interpolation"] = str(interpolation)
     return Backbone(
         name=name,
         model=model,
         weights_id=weights_id,
         model_kwargs={k: v for k, v in kwargs.items() if k != "num_classes"},
         dim=int(getattr(model, "num_features", 0) or 0),
-        **_preprocessing(model, kwargs),
+        tensors_sha256=tensors,
+        **prep,
     )
+
+
+def resolved_tag(model: nn.Module, name: str) -> str:
+    """The pretrained tag timm actually loaded for ``name``: ``resnet50`` → ``resnet50.a1_in1k``
+    (today's default tag); ``hf-hub:org/repo`` → ``hf-hub:org/repo``. From ``model.pretrained_cfg``."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if name.startswith(("hf-hub:", "hf_hub:")) and cfg.get("hf_hub_id"):
+        return f"hf-hub:{cfg['hf_hub_id']}"
+    arch = str(cfg.get("architecture") or name.split(".")[0])
+    tag = cfg.get("tag")
+    return f"{arch}.{tag}" if tag else arch
+
+
+def tensors_sha256(model: nn.Module) -> str:
+    """sha256 over the model's state dict (names, dtypes, shapes and bytes, in key order).
+
+    Identifies the weights actually loaded, whatever file or hub revision they came from
+    (~0.3 s per 100 MB of weights on one core).
+    """
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:

@@ -84,6 +84,7 @@ class FeatureExtractor:
         return {
             "backbone": self.backbone.name,
             "weights": self.backbone.weights_id,
+            "weights_tensors": self.backbone.tensors_sha256,  # a changed hub default tag or revision
             "model_kwargs": self.backbone.model_kwargs,
             "input_px": list(self.out_size(tile_px)),
             "mean": list(self.backbone.mean),

@@ -6,8 +6,11 @@ is logged) — outputs made with other parameters are never silently reused.
 
 Tiling depends on the tissue and grid parameters, the level-0 µm/px actually used, and the source
 file (its size, which changes when a slide is replaced). It does not depend on the reader backend
-(the fast TIFF reader and OpenSlide read the same pixels) or on batch size / devices. Features add
-the encoder (name, kwargs, weights id), preprocessing and numeric precision.
+(the fast TIFF reader and OpenSlide read the same pixels at whole level pixels, and within 3/255
+where both resample a sub-pixel position, see ``pathopeft.wsi.tiff_backend``) or on batch size /
+devices. Features add the encoder (name, kwargs, weights id — for hub weights the resolved tag —
+and the sha256 of the loaded tensors), preprocessing (mean, std, interpolation, input size) and
+numeric precision.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import Any
 __all__ = ["TILING_VERSION", "features_fingerprint", "source_size", "tiling_fingerprint"]
 
 # Bump when the tissue/grid algorithm changes what it produces for the same parameters.
-TILING_VERSION = 1
+# 2: region/hole sizes are pixel counts, not contour areas (issue 13 item 11).
+TILING_VERSION = 2
 
 
 def _digest(obj: Any) -> str:

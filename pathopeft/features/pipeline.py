@@ -181,8 +181,9 @@ def discover(inputs: Sequence[str | Path]) -> list[Any]:
 def _build_backbone(config: TileConfig) -> Backbone:
     f = config.features
     return build_backbone(
-        f.backbone, pretrained=f.pretrained, weights=f.weights, seed=f.seed, model_kwargs=f.model_kwargs
-    )
+        f.backbone, pretrained=f.pretrained, weights=f.weights, seed=f.seed, model_kwargs=f.model_kwargs,
+        mean=f.mean, std=f.std, interpolation=f.interpolation,
+    )  # fmt: skip
 
 
 def _process_all(

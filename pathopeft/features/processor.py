@@ -176,6 +176,7 @@ class SlideProcessor:
         attrs = {
             "backbone": ex.backbone.name,
             "weights": ex.backbone.weights_id,
+            "weights_tensors_sha256": ex.backbone.tensors_sha256 or "",
             "feature_dim": int(feats.shape[1]),
             "mpp": mpp,
             "target_mpp": float(grid.target_mpp),
@@ -183,6 +184,8 @@ class SlideProcessor:
             "patch_size_level0": round(grid.tile_px * grid.target_mpp / mpp) if mpp else 0,
             "patch_level": int(grid.level),
             "downsample": float(grid.downsample),
+            "bounds_x": int(grid.bounds_offset[0]),  # openslide.bounds-x/y: QuPath's frame (GeoJSON)
+            "bounds_y": int(grid.bounds_offset[1]),
             "input_px": int(ex.out_size(grid.tile_px)[0]),
             "precision": ex.precision,
             "tiling_fingerprint": fp_tiling,

@@ -390,7 +390,7 @@ def _slide_froc(
         notes["assumed_normal"].append(pair.slide_id)
         tumour = None
     else:
-        tumour = tumor_geometry(read_annotations(path))
+        tumour = tumor_geometry(read_annotations(path, bounds_offset=geo.bounds))
     probs, xy = froc_mod.nms_detections(
         coords, tile, shown, f.nms_radius_um / mpp, min_score=f.min_score, max_detections=f.max_detections
     )

@@ -207,7 +207,8 @@ def compute_tile_labels(
                 "%s: annotated, but its bag has no coordinates/tile size; no tile labels", item.slide_id
             )
             continue
-        regions = read_annotations(path)
+        bounds = (int(attrs.get("bounds_x", 0)), int(attrs.get("bounds_y", 0)))  # QuPath's frame
+        regions = read_annotations(path, bounds_offset=bounds)
         labels[item.slide_id] = tile_labels(regions, coords, size, cfg.tile_label_threshold).astype(np.int8)
     log.info("tile labels for %d of %d slides", len(labels), len(items))
     return labels

@@ -13,6 +13,10 @@ Annotations are polygons in level-0 pixels. Two readers, picked by file suffix (
   Features (QuPath ≤ 0.2) or a geometry; Polygon, MultiPolygon and GeometryCollection with holes.
   ``properties.classification.name`` (or a plain string) in ``exclusion_names`` marks an exclusion;
   objects QuPath calls ``detection``/``cell``/``tile`` are skipped (they are not region annotations).
+  QuPath shows (and exports) a slide cropped to OpenSlide's bounds, so its coordinates are
+  level-0 px minus ``openslide.bounds-x/y``: pass the slide's bounds as ``offset`` (the tile stage
+  records them as the ``bounds_x``/``bounds_y`` attributes of coords and feature bags) and they are added
+  back. ASAP XML is in the full level-0 frame and takes no offset.
 
 Tile labels (:func:`tile_labels`): a tile is tumour when the tumour share of its area is ≥
 ``threshold`` (default **0.5**: a majority of the tile). Fractions (:func:`tile_tumor_fractions`)
@@ -114,9 +118,19 @@ def read_asap_xml(
     return regions
 
 
-def read_geojson(path: str | Path, exclusion_names: Iterable[str] = DEFAULT_EXCLUSION_GROUPS) -> list[Region]:
-    """Polygons (with holes) of a GeoJSON / QuPath export."""
+def read_geojson(
+    path: str | Path,
+    exclusion_names: Iterable[str] = DEFAULT_EXCLUSION_GROUPS,
+    *,
+    offset: Sequence[float] = (0.0, 0.0),
+) -> list[Region]:
+    """Polygons (with holes) of a GeoJSON / QuPath export, in level-0 px.
+
+    ``offset`` (the slide's ``openslide.bounds-x/y``) is added to every vertex: QuPath's frame
+    starts at the bounds, level 0 at the full image's corner.
+    """
     path = Path(path)
+    shift = np.asarray([float(offset[0]), float(offset[1])], dtype=np.float64)
     excluded = {n.lower() for n in exclusion_names}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -143,7 +157,7 @@ def read_geojson(path: str | Path, exclusion_names: Iterable[str] = DEFAULT_EXCL
         kind = EXCLUSION if name.lower() in excluded else TUMOR
         try:
             for exterior, holes in _polygons(feature.get("geometry") or {}):
-                regions.append(Region(exterior, holes, kind, name))
+                regions.append(Region(exterior + shift, [h + shift for h in holes], kind, name))
         except (TypeError, ValueError, IndexError) as exc:
             raise AnnotationError(f"{path}: malformed geometry in feature {props.get('name', '')!r}") from exc
     return regions
@@ -186,8 +200,12 @@ READERS: dict[str, Callable[..., list[Region]]] = {
 ANNOTATION_SUFFIXES = tuple(READERS)
 
 
-def read_annotations(path: str | Path) -> list[Region]:
-    """Read an annotation file with the reader its suffix names."""
+def read_annotations(path: str | Path, *, bounds_offset: Sequence[float] | None = None) -> list[Region]:
+    """Read an annotation file with the reader its suffix names.
+
+    ``bounds_offset``: the slide's ``openslide.bounds-x/y``, added to GeoJSON (QuPath) coordinates
+    (see the module docstring); ASAP XML is already in the level-0 frame.
+    """
     path = Path(path)
     reader = READERS.get(path.suffix.lower())
     if reader is None:
@@ -195,6 +213,8 @@ def read_annotations(path: str | Path) -> list[Region]:
         raise AnnotationError(f"{path}: unknown annotation format (expected {expected})")
     if not path.is_file():
         raise AnnotationError(f"{path}: annotation file not found")
+    if reader is read_geojson and bounds_offset is not None:
+        return read_geojson(path, offset=bounds_offset)
     return reader(path)
 
 

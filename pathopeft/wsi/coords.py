@@ -5,7 +5,8 @@ Layout::
     coords            (N, 2) int64, level-0 x, y of each tile's top-left corner
       attrs: patch_size (tile_px), patch_level, downsample (target_mpp / slide_mpp),
              level_downsample, read_size, patch_size_level0 (TRIDENT), tile_size_level0,
-             mpp, target_mpp, overlap, slide_id, level_dim (W, H), + extra attrs
+             mpp, target_mpp, overlap, slide_id, level_dim (W, H),
+             bounds_x, bounds_y (openslide.bounds-x/y: add to QuPath coordinates), + extra attrs
     tissue_fraction   (N,) float32
 
 CLAM/TRIDENT users read it as ``f['coords'][:]`` and ``f['coords'].attrs['patch_size']``; the same
@@ -42,6 +43,8 @@ def write_coords(path: str | Path, grid: TileGrid, extra_attrs: Mapping[str, Any
         "overlap": int(grid.overlap_px),
         "slide_id": str(grid.slide_id),
         "level_dim": np.asarray(grid.slide_dimensions, dtype=np.int64),
+        "bounds_x": int(grid.bounds_offset[0]),
+        "bounds_y": int(grid.bounds_offset[1]),
     }
     for key, value in (extra_attrs or {}).items():
         attrs[str(key)] = value
@@ -75,6 +78,7 @@ def read_coords(path: str | Path) -> TileGrid:
     tile0 = float(attrs.get("tile_size_level0", tile_px * downsample))
     level_ds = float(attrs.get("level_downsample", 1.0))
     dims = attrs.get("level_dim", (0, 0))
+    bounds = (attrs.get("bounds_x", 0), attrs.get("bounds_y", 0))
     return TileGrid(
         coords=coords,
         tissue_fraction=fraction,
@@ -89,6 +93,7 @@ def read_coords(path: str | Path) -> TileGrid:
         slide_id=str(attrs.get("slide_id", path.stem)),
         overlap_px=int(attrs.get("overlap", 0)),
         slide_dimensions=(int(dims[0]), int(dims[1])),
+        bounds_offset=(int(bounds[0]), int(bounds[1])),
     )
 
 

@@ -58,6 +58,8 @@ class TileGrid:
     slide_id: str = ""
     overlap_px: int = 0
     slide_dimensions: tuple[int, int] = field(default=(0, 0))
+    # openslide.bounds-x/y: QuPath's frame starts there (GeoJSON annotations are offset by it).
+    bounds_offset: tuple[int, int] = field(default=(0, 0))
 
     def __len__(self) -> int:
         return int(self.coords.shape[0])
@@ -128,6 +130,7 @@ def build_grid(slide: Slide, mask: TissueMask, cfg: GridConfig | None = None) ->
         slide_id=slide.slide_id,
         overlap_px=cfg.overlap_px,
         slide_dimensions=(int(width), int(height)),
+        bounds_offset=slide.bounds_offset,
     )
 
 

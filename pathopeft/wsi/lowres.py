@@ -14,7 +14,7 @@ import numpy as np
 
 from pathopeft.wsi.slide import Slide
 
-__all__ = ["STRIP_BYTES", "LowRes", "read_downsampled"]
+__all__ = ["STRIP_BYTES", "LowRes", "level_is_large", "read_downsampled"]
 
 STRIP_BYTES = 64 * 1024 * 1024  # RGB bytes read per strip before averaging
 
@@ -26,6 +26,16 @@ class LowRes:
         self.image = image  # (h, w, 3) uint8
         self.level = level  # pyramid level it was read from
         self.downsample = downsample  # level-0 px per image px
+
+
+def level_is_large(slide: Slide, level: int) -> bool:
+    """Whether decoding all of ``level`` is expensive (more than one strip, ``STRIP_BYTES``).
+
+    Such a read is worth sharing: on a single-level slide the tissue mask and the thumbnail
+    would otherwise each decode level 0 (issue 13 item 15).
+    """
+    width, height = slide.level_dimensions[level]
+    return width * height * 3 > STRIP_BYTES
 
 
 def read_downsampled(slide: Slide, downsample: float, *, coarser_tolerance: float = 1.5) -> LowRes:
@@ -46,10 +56,13 @@ def read_downsampled(slide: Slide, downsample: float, *, coarser_tolerance: floa
     out_w, out_h = math.ceil(width / factor), math.ceil(height / factor)
     out = np.empty((out_h, out_w, 3), np.uint8)
     rows = max(factor, (STRIP_BYTES // max(width * 3, 1)) // factor * factor)
+    whole = abs(level_ds - round(level_ds)) < 1e-9
     for y in range(0, height, rows):
         strip_h = min(rows, height - y)
-        # ceil: the level-0 row that maps back (floor) onto level row y even for non-integer ds.
-        strip = slide.read_region((0, math.ceil(y * level_ds - 1e-9)), level, (width, strip_h))
+        if whole:  # level row y is level-0 row y * ds exactly
+            strip = slide.read_region((0, round(y * level_ds)), level, (width, strip_h))
+        else:  # no level-0 row maps exactly onto level row y: read level rows directly
+            strip = slide.read_level_pixels(level, 0, y, (width, strip_h))
         out[y // factor : y // factor + math.ceil(strip_h / factor)] = _block_mean(strip, factor)
     return LowRes(out, level, level_ds * factor)
 

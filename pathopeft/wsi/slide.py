@@ -7,6 +7,7 @@ pixels (OpenSlide, or tifffile reading stored tiles directly for speed) is the f
 
 from __future__ import annotations
 
+import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -122,6 +123,17 @@ class Slide(ABC):
     def read_level(self, level: int) -> np.ndarray:
         """The whole of one level (call only on a low-resolution level)."""
         return self.read_region((0, 0), level, self.level_dimensions[level])
+
+    def read_level_pixels(self, level: int, x: int, y: int, size: tuple[int, int]) -> np.ndarray:
+        """``size`` pixels of ``level`` starting at *level* pixel ``(x, y)``, ideally unresampled.
+
+        For strip-wise low-resolution reads. A level-0 location rarely maps onto a whole pixel of
+        a level with a non-integer downsample; this default reads at the level-0 pixel that maps
+        just past it (OpenSlide then resamples by less than ``1 / downsample`` px). The fast TIFF
+        reader overrides it with an exact copy.
+        """
+        ds = self.level_downsamples[level]
+        return self.read_region((math.ceil(x * ds - 1e-9), math.ceil(y * ds - 1e-9)), level, size)
 
     def close(self) -> None:  # noqa: B027 - optional for backends without handles
         """Release file handles; the slide reopens lazily if used again."""

@@ -1,5 +1,9 @@
 """QC thumbnail: the slide at ≤ ``max_px`` with tissue contours and the kept tiles drawn.
 
+The image is read at the coarsest level that is fine enough, except when that would decode a
+large level the tissue mask has just decoded (a single-level slide): then the mask's own view is
+reused (:func:`_reusable_view`), so the slide is decoded once for both.
+
 Green = tissue outline, blue = holes left open, yellow squares = kept tiles (a translucent fill,
 plus outlines when tiles are big enough on the thumbnail to see them). A header line states the
 slide id, tile count and resolution, or the empty-mask reason. Written atomically as PNG.
@@ -14,7 +18,7 @@ import numpy as np
 
 from pathopeft.files import atomic_write_bytes
 from pathopeft.wsi.grid import TileGrid
-from pathopeft.wsi.lowres import read_downsampled
+from pathopeft.wsi.lowres import LowRes, level_is_large, read_downsampled
 from pathopeft.wsi.slide import Slide
 from pathopeft.wsi.tissue import TissueMask
 
@@ -31,7 +35,9 @@ def render_thumbnail(
     """Write ``out_png`` and return the RGB image drawn (for notebooks)."""
     width, height = slide.dimensions
     scale_target = max(width, height) / max_px  # level-0 px per thumbnail px
-    low = read_downsampled(slide, scale_target, coarser_tolerance=1.0)
+    low = _reusable_view(slide, mask, scale_target) or read_downsampled(
+        slide, scale_target, coarser_tolerance=1.0
+    )
     image = low.image
     if max(image.shape[:2]) > max_px:
         f = max_px / max(image.shape[:2])
@@ -44,6 +50,19 @@ def render_thumbnail(
         raise RuntimeError(f"{out_png}: PNG encoding failed")
     atomic_write_bytes(out_png, png.tobytes())
     return drawn
+
+
+def _reusable_view(slide: Slide, mask: TissueMask | None, scale_target: float) -> LowRes | None:
+    """The tissue mask's own RGB view when a direct read would decode the same large level again.
+
+    On a single-level slide both would decode all of level 0; the mask's view (about
+    ``tissue.mask_mpp`` µm/px) is used instead, so the thumbnail is then at most that fine.
+    """
+    source = mask.source if mask is not None else None
+    if source is None:
+        return None
+    level = slide.best_level_for_downsample(max(scale_target, 1.0))
+    return source if level == source.level and level_is_large(slide, level) else None
 
 
 def draw_overlay(
