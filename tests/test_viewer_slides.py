@@ -39,6 +39,19 @@ def test_moved_slide_is_found_by_id_in_slides_dir(moved):
     assert r.status_code == 200 and Image.open(io.BytesIO(r.data)).size == (256, 256)
 
 
+def test_slides_csv_maps_ids_that_are_not_file_names(moved, tmp_path):
+    heat, slides = moved
+    shutil.move(slides / "site_a" / "s1.tiff", slides / "site_a" / "scan_0001.tiff")
+    table = tmp_path / "slides.csv"
+    table.write_text("path,slide_id\nslides/site_a/scan_0001.tiff,s1\n")  # relative to the CSV
+    c = create_app(heat, slides=table).test_client()
+    assert c.get("/api/slides").get_json()[0]["error"] is None
+    assert c.get("/api/tumor/s1/info").status_code == 200
+    (slides / "site_a" / "scan_0001.tiff").unlink()
+    (row,) = create_app(heat, slides=table).test_client().get("/api/slides").get_json()
+    assert "scan_0001.tiff, which does not exist" in row["error"]
+
+
 def test_moved_slide_without_slides_dir_is_listed_with_the_reason(moved):
     heat, _ = moved
     c = create_app(heat).test_client()

@@ -19,9 +19,10 @@ import click
 @click.option(
     "--slides",
     metavar="DIR",
-    type=click.Path(file_okay=False),
-    help="Folder searched (recursively) for each exported slide by its id; the export's slide_path "
-    "is the fallback. Needed once slides have moved since the export.",
+    type=click.Path(),
+    help="Folder searched (recursively) for each exported slide by its id (or a slide CSV with path "
+    "and slide_id columns, as for `pathopeft tile`); the export's slide_path is the fallback. "
+    "Needed once slides have moved since the export.",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (keep it local).")
 @click.option("--port", default=8765, show_default=True, type=int, help="0 picks a free port.")

@@ -160,8 +160,9 @@ class Catalog:
     """All slides under one export folder or a parent of several (one per task).
 
     ``slides``: a folder searched (recursively, the tile stage's rules) for each exported slide
-    by its id, so an export still opens after the slides moved; the JSON's ``slide_path`` is the
-    fallback. The paths found here are the only ones the server ever opens.
+    by its id, so an export still opens after the slides moved, or a slide CSV (``path``,
+    ``slide_id``) for ids that are not file names; the JSON's ``slide_path`` is the fallback.
+    The paths found here are the only ones the server ever opens.
     """
 
     def __init__(self, root: str | Path, slides: str | Path | None = None) -> None:
@@ -171,7 +172,9 @@ class Catalog:
         self.slides_dir = Path(slides).expanduser().resolve() if slides is not None else None
         self._by_id: dict[str, Path] = {}
         if self.slides_dir is not None:
-            if not self.slides_dir.is_dir():
+            # a folder, or a slide CSV (path, slide_id) as `pathopeft tile` takes: ids not from file names
+            is_csv = self.slides_dir.suffix.lower() == ".csv" and self.slides_dir.is_file()
+            if not (self.slides_dir.is_dir() or is_csv):
                 raise FileNotFoundError(f"slide folder not found: {self.slides_dir}")
             self._by_id = {s.slide_id: s.path for s in discover_slides([self.slides_dir])}
         folders = (
@@ -187,11 +190,16 @@ class Catalog:
 
     def _find_slide(self, sid: str, recorded: str) -> tuple[Path | None, str | None]:
         """(path, None) for the slide file of ``sid``, or (None, why it was found nowhere)."""
-        if sid in self._by_id:
-            return self._by_id[sid], None
+        listed = self._by_id.get(sid)
+        if listed is not None and listed.exists():  # a slide CSV may name a file that is gone
+            return listed, None
         if recorded and Path(recorded).exists():
             return Path(recorded), None
-        where = [f"no slide with id {sid!r} in {self.slides_dir}"] if self.slides_dir else []
+        where = []
+        if listed is not None:
+            where.append(f"{self.slides_dir} lists {listed}, which does not exist")
+        elif self.slides_dir:
+            where.append(f"no slide with id {sid!r} in {self.slides_dir}")
         where.append(
             f"slide_path {recorded!r} does not exist" if recorded else "the export records no slide_path"
         )
