@@ -119,9 +119,7 @@ def main() -> None:
     print(
         f"\n3-task synthetic sequence ({sequence}), seeds {list(seeds)}, {epochs} epochs per task, {args.set}"
     )
-    print(
-        "| method | mode | ACC bag acc | BWT bag acc | forgetting | FWT bag acc | ACC inst. AUC | s/run |"
-    )
+    print("| method | mode | ACC bag acc | BWT bag acc | forgetting | FWT bag acc | ACC inst. AUC | s/run |")
     print("|---|---|---|---|---|---|---|---|")
     for method in args.methods.split(","):
         for mode in ("class_incremental", "task_aware"):

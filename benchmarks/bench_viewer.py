@@ -6,6 +6,8 @@ The baseline in the same run is the warm-cache latency (a cache hit): cold/warm 
 A Flask test client pans a random walk over the top DeepZoom level, then revisits the same tiles.
 Then the first ``/regions`` call (reading the exported GeoJSON: one feature per scored tile + the
 regions) is timed and its peak Python allocation measured against a plain ``json.load`` + filter.
+Last, the tile scores of an export without a CSV (read from the GeoJSON's tile features) are timed
+against reading the same scores from the CSV (``--scores-only``: just this, no slide is made).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import csv
 import json
 import multiprocessing
+import os
 import resource
 import sys
 import tempfile
@@ -30,9 +33,9 @@ from pathopeft.viewer.catalog import Catalog
 from pathopeft.wsi.synth import make_synthetic_slide
 
 
-def export(root: Path, size: int) -> None:
+def export(root: Path, size: int, with_slide: bool = True) -> None:
     slide = root / f"big{size}.tiff"
-    if not slide.exists():
+    if with_slide and not slide.exists():
         make_synthetic_slide(slide, width=size, height=size, mpp=0.5, seed=1, n_tissue=6, quality=70)
     out = root / "task"
     out.mkdir(exist_ok=True)
@@ -124,23 +127,59 @@ def bench_regions(root: Path) -> None:
     print(f"viewer vs json.load: time {t1 / t0:.2f}x, peak allocation {m1 / m0:.2f}x")
 
 
+def bench_scores(root: Path) -> None:
+    """Tile scores without a CSV (from the GeoJSON's tile features) vs the same scores from the CSV."""
+    src, nocsv = root / "task", root / "nocsv" / "task"
+    nocsv.mkdir(parents=True, exist_ok=True)
+    for name in ("big.json", "manifest.csv", "big.geojson"):
+        if not (nocsv / name).exists():
+            os.link(src / name, nocsv / name)
+    res = {}
+    for name, folder in (("csv", src.parent), ("geojson", nocsv.parent)):
+        t = time.perf_counter()
+        df = Catalog(folder).get("task", "big").scores
+        dt = time.perf_counter() - t
+        tracemalloc.start()
+        _ = Catalog(folder).get("task", "big").scores
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        res[name] = (dt, peak, df.sort_values(["y", "x"]).reset_index(drop=True))
+        print(
+            f"tile scores from {name:7s}: {len(df)} tiles, {dt:.2f} s, "
+            f"peak Python allocation {peak / 2**20:.0f} MiB"
+        )
+    (t0, m0, a), (t1, m1, b) = res["csv"], res["geojson"]
+    same = a[["x", "y", "width", "height"]].equals(b[["x", "y", "width", "height"]])
+    err = float(np.abs(a["score"].to_numpy() - b["score"].to_numpy()).max())
+    print(
+        f"geojson vs csv: time {t1 / t0:.2f}x, peak allocation {m1 / m0:.2f}x; "
+        f"same tiles: {same}, max |score difference| {err:.1e} (the CSV rounds to 4 decimals)"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--size", type=int, default=100_000)
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--tiles", type=int, default=200)
     p.add_argument("--cache-mb", type=float, default=256.0)
+    p.add_argument("--scores-only", action="store_true", help="only the CSV vs GeoJSON tile-score read")
     a = p.parse_args()
     root = a.workdir or Path(tempfile.mkdtemp(prefix="bench_viewer_"))
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # in a child process, so that making the slide and the GeoJSON does not count in the server's RSS
-    child = multiprocessing.get_context("spawn").Process(target=export, args=(root, a.size))
+    child = multiprocessing.get_context("spawn").Process(
+        target=export, args=(root, a.size, not a.scores_only)
+    )
     child.start()
     child.join()
     if child.exitcode != 0:
         raise SystemExit(f"making the benchmark export under {root} failed (exit code {child.exitcode})")
     print(f"slide + scores ready in {time.perf_counter() - t0:.1f} s ({a.size}x{a.size})")
+    if a.scores_only:
+        bench_scores(root)
+        return
     app = create_app(root, cache_mb=a.cache_mb)
     c = app.test_client()
     info = c.get("/api/task/big/info").get_json()
@@ -175,6 +214,7 @@ def main() -> None:
     cache = app.config["cache"]
     print(f"tile cache after the pans: {len(cache)} tiles, {cache.nbytes / 2**20:.1f} of {a.cache_mb:g} MiB")
     bench_regions(root)
+    bench_scores(root)
 
 
 if __name__ == "__main__":

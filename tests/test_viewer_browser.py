@@ -5,6 +5,7 @@ One server and one browser for the module (a page load is the slow part); each t
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -36,8 +37,14 @@ def server(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("heat")
     make_export(root, task="tumor")
-    make_export(root, task="tumor", slide_id="s2", seed=2)
-    make_export(root, task="grade", invert=True)  # a second task of a continual model, same slide
+    make_export(root, task="tumor", slide_id="s2", seed=2, bag_probability=0.2, predicted_class="normal")
+    # a second task of a continual model, same slide
+    make_export(root, task="grade", invert=True, bag_probability=0.6, predicted_class="high")
+    s3 = make_export(root, task="tumor", slide_id="s3", seed=3, bag_probability=0.5)
+    (s3 / "s3.csv").unlink()  # exported with neither csv nor geojson: no tile scores at all
+    (s3 / "s3.geojson").unlink()
+    make_export(root, task="tumor", slide_id="s4", seed=4, bag_probability=0.7)
+    (root / "s4.tiff").unlink()  # the slide moved after the export and no --slides says where
     srv = make_server("127.0.0.1", 0, create_app(root), threaded=True, request_handler=Quiet)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
@@ -147,9 +154,10 @@ def test_page_layers_sliders_regions(server, driver, tmp_path):
     set_thr(0.5)
     d.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
-    notes = Path("/work/notes")
-    if notes.is_dir():
-        shutil.copy(shot, notes / "viewer.png")
+    artefacts = os.environ.get("PATHOPEFT_TEST_ARTIFACTS")  # CI keeps the screenshot when set
+    if artefacts:
+        Path(artefacts).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(artefacts) / "viewer.png")
 
     no_console_errors(d)
 
@@ -270,4 +278,55 @@ def test_url_restores_slide_position_zoom_and_pan_updates_it(server, driver):
         and float(q["z"]) == pytest.approx(4)
     )
     assert float(q["x"]) == pytest.approx(num(d, f"{vp}.getCenter().x"), abs=1e-4)
+    no_console_errors(d)
+
+
+def rows(d):
+    return d.execute_script(
+        "return [...document.querySelectorAll('#slides tbody tr')].map(tr => tr.dataset.key)"
+    )
+
+
+def test_slide_list_sorts_by_the_clicked_header_and_keeps_it_in_the_url(server, driver):
+    from selenium.webdriver.common.by import By
+
+    d = driver
+    open_page(d, server + "?task=tumor&slide=s1&sort=p&order=desc")  # restored from the URL
+    by_p = ["tumor/s1", "tumor/s4", "grade/s1", "tumor/s3", "tumor/s2"]  # 0.9 0.7 0.6 0.5 0.2
+    assert rows(d) == by_p
+    d.find_element(By.CSS_SELECTOR, "#slides th[data-sort=p]").click()  # same header: reversed
+    assert rows(d) == by_p[::-1]
+    assert "sort=p&order=asc" in d.current_url
+    d.find_element(By.CSS_SELECTOR, "#slides th[data-sort=task]").click()  # ties by slide id
+    assert rows(d) == ["grade/s1", "tumor/s1", "tumor/s2", "tumor/s3", "tumor/s4"]
+    assert d.execute_script(
+        "return [...document.querySelectorAll('#slides th[aria-sort]')]"
+        ".map(th => th.dataset.sort + ' ' + th.getAttribute('aria-sort'))"
+    ) == ["task ascending"]
+    assert "sort=task&order=asc" in d.current_url and "slide=s1" in d.current_url
+    no_console_errors(d)
+
+
+def test_missing_slide_and_export_without_tile_scores_are_explained(server, driver):
+    d = driver
+    d.get(server + "?task=tumor&slide=s4")
+    wait_for(
+        d, "return document.getElementById('error').textContent.includes('slide file not found')", "s4 error"
+    )
+    row = d.execute_script(
+        "const tr = document.querySelector('#slides tr[data-key=\"tumor/s4\"]');"
+        " return [tr.classList.contains('missing'), tr.title, window.pathopeftViewer.world.getItemCount()]"
+    )
+    assert row[0] and "s4.tiff' does not exist" in row[1] and row[2] == 0
+    d.execute_script("document.querySelector('#slides tr[data-key=\"tumor/s3\"]').click()")
+    note = wait_for(
+        d,
+        "const n = document.getElementById('abovenote').textContent;"
+        " return window.pathopeftViewer.world.getItemCount() === 2"
+        " && n.includes('need the tile scores') && n",
+        "s3 note",
+    )
+    assert (
+        "no s3.csv" in note and d.execute_script("return document.getElementById('error').textContent") == ""
+    )
     no_console_errors(d)

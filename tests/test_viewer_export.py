@@ -73,3 +73,22 @@ def test_viewer_draws_the_exporters_regions_in_the_full_frame(export):
     )
     regions = shapely.union_all([shape(f["geometry"]) for f in got["features"]])
     assert regions.difference(above).area < 1e-6 * regions.area
+
+
+def test_without_the_csv_the_exporters_gzipped_geojson_tiles_give_the_same_scores(export, tmp_path):
+    """``formats`` without csv: the viewer reads the tile scores from the real exporter's GeoJSON."""
+    task = json.loads((export / "t0.json").read_text())["task"]
+    urls = [f"/api/{task}/t0/above?threshold=0.5"] + [
+        f"/api/{task}/t0/score?x={x}&y={y}" for x, y in ((150, 100), (700, 500), (1200, 900), (2000, 1500))
+    ]
+    want = [create_app(export).test_client().get(u).get_json() for u in urls]
+    copy = tmp_path / "no_csv"
+    shutil.copytree(export, copy)
+    (copy / "t0.csv").unlink()
+    c = create_app(copy).test_client()
+    assert c.get(f"/api/{task}/t0/info").get_json()["scores"] == "t0.geojson.gz"
+    got = [c.get(u).get_json() for u in urls]
+    assert [g["score"] for g in got[1:]] == pytest.approx([w["score"] for w in want[1:]], rel=1e-5)
+    assert any(w["score"] is not None for w in want[1:])
+    area = lambda g: shapely.union_all([shape(f["geometry"]) for f in g["features"]])  # noqa: E731
+    assert area(got[0]).symmetric_difference(area(want[0])).area < 1e-6 * max(area(want[0]).area, 1)

@@ -43,7 +43,13 @@ def tile_scores(width: int, height: int, seed: int, invert: bool) -> tuple[np.nd
 
 
 def make_export(
-    root: Path, task: str = "tumor", slide_id: str = "s1", seed: int = 0, invert: bool = False
+    root: Path,
+    task: str = "tumor",
+    slide_id: str = "s1",
+    seed: int = 0,
+    invert: bool = False,
+    bag_probability: float = 0.9,
+    predicted_class: str = "tumor",
 ) -> Path:
     """Add one slide to the export folder ``root/task`` (the slide file is shared across tasks)."""
     out = root / task
@@ -87,8 +93,8 @@ def make_export(
             "score": "attention",
             "raw_score": "attention weight",
             "scale": "minmax of attention",
-            "bag_probability": 0.9,
-            "predicted_class": "tumor",
+            "bag_probability": bag_probability,
+            "predicted_class": predicted_class,
             "normalize": "minmax",
             "threshold": THRESHOLD,
             "colormap": "jet",
@@ -114,8 +120,8 @@ def make_export(
         "",
         task,
         "tumor",
-        0.9,
-        "tumor",
+        bag_probability,
+        predicted_class,
         len(coords),
         len(regions),
         str(slide.resolve()),

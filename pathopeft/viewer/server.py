@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import NoReturn
 
-from flask import Flask, Response, abort, jsonify, request, send_from_directory
+import openslide
+from flask import Flask, Response, abort, jsonify, make_response, request, send_from_directory
 
-from pathopeft.viewer.catalog import Catalog
+from pathopeft.viewer.catalog import Catalog, NoTileScores
 from pathopeft.viewer.tiles import SlideTiler, TileCache
 
 STATIC = Path(__file__).parent / "static"
 
 
-def create_app(root: str | Path, *, cache_mb: float = 256) -> Flask:
-    """Build the viewer app over the export folder(s) under ``root``; tiles cached up to ``cache_mb`` MiB."""
-    catalog = Catalog(root)
+def create_app(root: str | Path, *, slides: str | Path | None = None, cache_mb: float = 256) -> Flask:
+    """Build the viewer app over the export folder(s) under ``root``; tiles cached up to ``cache_mb`` MiB.
+
+    ``slides``: a folder where each exported slide is looked up by id (see :class:`Catalog`).
+    """
+    catalog = Catalog(root, slides)
     cache = TileCache(int(cache_mb * 2**20))
     tilers: dict[str, SlideTiler] = {}
     tilers_lock = threading.Lock()
@@ -23,13 +28,22 @@ def create_app(root: str | Path, *, cache_mb: float = 256) -> Flask:
     app.config["catalog"] = catalog
     app.config["cache"] = cache
 
+    def fail(status: int, message: str) -> NoReturn:
+        """Stop with a JSON ``{"error": message}`` the page can show (not an HTML error page)."""
+        abort(make_response(jsonify({"error": message}), status))
+
     def tiler(task: str, slide_id: str) -> SlideTiler:
         entry = catalog.get(task, slide_id)
         if entry is None:
             abort(404)
+        if entry.error:  # listed (its export is there) but its slide file was found nowhere
+            fail(404, entry.error)
         with tilers_lock:
             if entry.key not in tilers:
-                tilers[entry.key] = SlideTiler(entry)
+                try:
+                    tilers[entry.key] = SlideTiler(entry)
+                except (OSError, openslide.OpenSlideError, ValueError) as err:
+                    fail(500, f"{entry.key}: cannot open {entry.slide_path}: {err}")
             return tilers[entry.key]
 
     def checked_level(t: SlideTiler, level: int, col: int, row: int) -> None:
@@ -90,7 +104,10 @@ def create_app(root: str | Path, *, cache_mb: float = 256) -> Flask:
             thr = float(request.args.get("threshold", t.info()["threshold"]))
         except ValueError:
             abort(400)
-        return jsonify(t.above(thr))
+        try:
+            return jsonify(t.above(thr))
+        except NoTileScores as err:
+            fail(409, str(err))
 
     @app.get("/api/<task>/<slide_id>/score")
     def score(task: str, slide_id: str) -> Response:

@@ -16,7 +16,7 @@ from PIL import Image
 from shapely.geometry import box, mapping
 from shapely.ops import unary_union
 
-from pathopeft.viewer.catalog import SlideEntry
+from pathopeft.viewer.catalog import NoTileScores, SlideEntry
 
 TILE = 256
 OVERLAP = 0
@@ -64,10 +64,21 @@ class SlideTiler:
     """DeepZoom pyramid of one slide plus its heatmap rendered from the tile scores."""
 
     def __init__(self, entry: SlideEntry) -> None:
+        if entry.slide_path is None:
+            raise FileNotFoundError(entry.error or f"{entry.key}: no slide file")
         self.entry = entry
         self.slide = openslide.OpenSlide(str(entry.slide_path))
         self.dz = DeepZoomGenerator(self.slide, tile_size=TILE, overlap=OVERLAP, limit_bounds=False)
-        self.grid, self.ox, self.oy, self.ts = entry.score_grid()
+        # no tile scores at all (an export with neither csv nor geojson): the slide is still worth
+        # showing; the heatmap is transparent and the page says what the outline needs
+        self.no_scores: str | None = None
+        try:
+            self.grid, self.ox, self.oy, self.ts = entry.score_grid()
+        except NoTileScores as err:
+            self.no_scores = str(err)
+            self.grid = np.full((0, 0), np.nan, dtype=np.float32)
+            self.ox = self.oy = 0
+            self.ts = int(entry.meta.get("tile_size") or TILE)
         self.cmap = matplotlib.colormaps[str(entry.meta.get("colormap") or "jet")]
         self._lock = threading.Lock()  # openslide handles are not documented as thread-safe
 
@@ -94,6 +105,8 @@ class SlideTiler:
             "class": m.get("class"),
             "bag_probability": m.get("bag_probability"),
             "score_tile": self.ts,
+            "scores": self.entry.scores_source,  # "s1.csv", "s1.geojson(.gz)", or None
+            "scores_error": self.no_scores,
             "colormap": self.cmap.name,
         }
 
@@ -135,6 +148,8 @@ class SlideTiler:
         This is the slider's "what if the cut were here" outline from the per-tile scores; the
         exported regions (``SlideEntry.exported_regions``) stay as the export wrote them.
         """
+        if self.no_scores:
+            raise NoTileScores(self.no_scores)
         df = self.entry.scores
         sel = df[df["score"] >= threshold]
         boxes = [

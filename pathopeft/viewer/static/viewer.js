@@ -4,7 +4,9 @@
 // slider (dashed, from the per-tile scores).
 const $ = (id) => document.getElementById(id);
 const state = { slides: [], cur: null, info: null, regions: null, above: null,
-  regionsOn: true, aboveOn: true, heatOn: true };
+  regionsOn: true, aboveOn: true, heatOn: true, sort: { by: "id", desc: false } };
+// slide list columns: the URL's sort= name -> the listing's field
+const SORT_FIELDS = { id: "slide_id", task: "task", p: "bag_probability", class: "predicted_class", regions: "n_regions" };
 const viewer = OpenSeadragon({ id: "osd", prefixUrl: "/static/openseadragon/images/", showNavigator: true,
   crossOriginPolicy: false, maxZoomPixelRatio: 4 });
 window.pathopeftViewer = viewer;
@@ -29,22 +31,47 @@ async function getJson(url) {
 }
 
 function writeUrl() {
-  if (!state.cur) return;
-  const p = new URLSearchParams({ task: state.cur.task, slide: state.cur.slide_id,
-    opacity: $("opacity").value, threshold: $("threshold").value });
-  const c = viewer.viewport.getCenter(), z = viewer.viewport.getZoom();
-  if (isFinite(c.x)) { p.set("x", c.x.toFixed(5)); p.set("y", c.y.toFixed(5)); p.set("z", z.toFixed(4)); }
+  const p = new URLSearchParams();
+  if (state.cur) {
+    p.set("task", state.cur.task); p.set("slide", state.cur.slide_id);
+    p.set("opacity", $("opacity").value); p.set("threshold", $("threshold").value);
+    const c = viewer.viewport.getCenter(), z = viewer.viewport.getZoom();
+    if (!state.cur.error && isFinite(c.x)) { p.set("x", c.x.toFixed(5)); p.set("y", c.y.toFixed(5)); p.set("z", z.toFixed(4)); }
+  }
+  p.set("sort", state.sort.by); p.set("order", state.sort.desc ? "desc" : "asc");
   history.replaceState(null, "", "?" + p.toString());
+}
+
+function markActive() {
+  const key = state.cur ? state.cur.task + "/" + state.cur.slide_id : null;
+  document.querySelectorAll("#slides tbody tr").forEach((tr) => tr.classList.toggle("active", tr.dataset.key === key));
+}
+
+// a slide whose file was found nowhere (see `pathopeft view --slides`): listed, with the reason, no layers
+function showMissing(s) {
+  state.info = null;
+  viewer.close();
+  draw();
+  $("meta").textContent = "";
+  $("abovenote").textContent = "";
+  $("exportthr").textContent = "–";
+  $("error").textContent = `${s.task}/${s.slide_id}: ${s.error}`;
+  writeUrl();
 }
 
 // view: {threshold, x, y, z} to land on (from the URL or the slide being left); absent = whole slide
 async function loadSlide(s, view) {
   state.cur = s;
   state.regions = state.above = null;
+  if ($("task").value !== s.task) $("task").value = s.task;
+  markActive();
+  if (s.error) { showMissing(s); return; }
   const info = await getJson(base(s) + "/info");
   if (state.cur !== s) return;
   state.info = info;
-  document.querySelectorAll("#slides li").forEach((li) => li.classList.toggle("active", li.dataset.key === s.task + "/" + s.slide_id));
+  $("error").textContent = "";
+  $("abovenote").textContent = info.scores ? (info.scores.endsWith(".csv") ? "" : `(tile scores from ${info.scores}: no CSV exported)`)
+    : `The threshold outline, heatmap and score under the cursor need the tile scores: ${info.scores_error}`;
   $("meta").textContent = `${info.class ?? ""} p=${info.bag_probability ?? "?"}  ${info.width}×${info.height}px  ${info.mpp ? info.mpp + " µm/px" : "no µm/px"}`;
   $("threshold").value = view && view.threshold !== undefined && view.threshold !== null ? view.threshold : info.threshold;
   const opacity = parseFloat($("opacity").value);
@@ -69,9 +96,10 @@ async function loadRegions(s) {
 
 let aboveToken = 0;
 async function refreshAbove() {
-  if (!state.cur) return;
+  if (!state.cur || !state.info) return;
   const thr = $("threshold").value;
   $("thrval").textContent = thr;
+  if (!state.info.scores) { draw(); writeUrl(); return; }  // no tile scores: #abovenote says why
   const token = ++aboveToken;
   const gj = await getJson(`${base(state.cur)}/above?threshold=${thr}`);
   if (token !== aboveToken) return;
@@ -145,7 +173,7 @@ viewer.addHandler("resize", draw);
 let scoreTimer = null;
 new OpenSeadragon.MouseTracker({ element: viewer.container, moveHandler: (e) => {
   const item = viewer.world.getItemAt(0);
-  if (!item || !state.cur) return;
+  if (!item || !state.cur || !state.info || !state.info.scores) return;
   const p = item.viewerElementToImageCoordinates(e.position);
   const s = state.cur;
   clearTimeout(scoreTimer);
@@ -164,11 +192,11 @@ $("threshold").addEventListener("input", () => { draw(); refreshAbove(); });
 $("task").addEventListener("change", () => {
   const prev = state.cur;
   const same = prev && state.slides.find((x) => x.task === $("task").value && x.slide_id === prev.slide_id);
-  const s = same || state.slides.find((x) => x.task === $("task").value);
-  renderList();
+  const s = same || sortedSlides().find((x) => x.task === $("task").value);
   if (!s) return;
   const c = viewer.viewport.getCenter();
-  loadSlide(s, same ? { x: c.x, y: c.y, z: viewer.viewport.getZoom() } : undefined);
+  const keep = same && !prev.error && isFinite(c.x);
+  loadSlide(s, keep ? { x: c.x, y: c.y, z: viewer.viewport.getZoom() } : undefined);
 });
 
 function step(id, d) { const el = $(id); el.value = Math.min(1, Math.max(0, parseFloat(el.value) + d)).toFixed(2); el.dispatchEvent(new Event("input")); }
@@ -182,7 +210,7 @@ const KEYS = {
   n: () => nextSlide(1), p: () => nextSlide(-1),
 };
 function nextSlide(d) {
-  const list = state.slides.filter((s) => s.task === $("task").value);
+  const list = sortedSlides().filter((s) => s.task === $("task").value);
   if (!list.length) return;
   const i = list.indexOf(state.cur);
   loadSlide(list[(i + d + list.length) % list.length]);
@@ -198,18 +226,46 @@ window.addEventListener("keydown", (e) => {
   act();
 }, true);
 
-function renderList() {
-  const ul = $("slides"); ul.innerHTML = "";
-  for (const s of state.slides.filter((x) => x.task === $("task").value)) {
-    const li = document.createElement("li");
-    li.dataset.key = s.task + "/" + s.slide_id;
-    const p = s.bag_probability !== null && s.bag_probability !== undefined ? Number(s.bag_probability).toFixed(2) : "";
-    li.textContent = `${s.slide_id}  ${p}  ${s.n_regions ?? ""}${s.n_regions !== undefined && s.n_regions !== null ? " regions" : ""}`;
-    li.onclick = () => loadSlide(s);
-    ul.appendChild(li);
-  }
-  if (state.cur) document.querySelectorAll("#slides li").forEach((li) => li.classList.toggle("active", li.dataset.key === state.cur.task + "/" + state.cur.slide_id));
+// nulls last in either order; ties by slide id then task, so the order is always the same
+function sortedSlides() {
+  const field = SORT_FIELDS[state.sort.by], sign = state.sort.desc ? -1 : 1;
+  const cmp = (a, b) => typeof a === "number" && typeof b === "number" ? a - b
+    : String(a).localeCompare(String(b), undefined, { numeric: true });
+  const tie = (a, b) => cmp(a.slide_id, b.slide_id) || cmp(a.task, b.task);
+  return [...state.slides].sort((a, b) => {
+    const x = a[field], y = b[field];
+    const nx = x === null || x === undefined, ny = y === null || y === undefined;
+    if (nx || ny) return nx === ny ? tie(a, b) : nx ? 1 : -1;
+    return sign * cmp(x, y) || tie(a, b);
+  });
 }
+
+function renderList() {
+  const body = $("slides").tBodies[0]; body.replaceChildren();
+  for (const s of sortedSlides()) {
+    const tr = document.createElement("tr");
+    tr.dataset.key = s.task + "/" + s.slide_id;
+    const p = s.bag_probability !== null && s.bag_probability !== undefined ? Number(s.bag_probability).toFixed(2) : "";
+    const cells = [s.error ? `\u26a0 ${s.slide_id}` : s.slide_id, s.task, p, s.predicted_class ?? "", s.n_regions ?? ""];
+    for (const text of cells) { const td = document.createElement("td"); td.textContent = text; tr.appendChild(td); }
+    if (s.error) { tr.classList.add("missing"); tr.title = s.error; }
+    tr.onclick = () => loadSlide(s);
+    body.appendChild(tr);
+  }
+  document.querySelectorAll("#slides th").forEach((th) => {
+    if (th.dataset.sort === state.sort.by) th.setAttribute("aria-sort", state.sort.desc ? "descending" : "ascending");
+    else th.removeAttribute("aria-sort");
+  });
+  markActive();
+}
+
+// a click sorts by that column (ascending), a second click on it reverses the order
+document.querySelectorAll("#slides th").forEach((th) => th.addEventListener("click", () => {
+  const by = th.dataset.sort;
+  state.sort = { by, desc: state.sort.by === by ? !state.sort.desc : false };
+  renderList();
+  writeUrl();
+}));
 
 (async () => {
   state.slides = await getJson("/api/slides");
@@ -218,9 +274,10 @@ function renderList() {
   const q = new URLSearchParams(location.search);
   if (q.get("task") && tasks.includes(q.get("task"))) $("task").value = q.get("task");
   if (q.get("opacity")) $("opacity").value = q.get("opacity");
+  if (SORT_FIELDS[q.get("sort")]) state.sort = { by: q.get("sort"), desc: q.get("order") === "desc" };
   renderList();
   const want = state.slides.find((s) => s.task === $("task").value && s.slide_id === q.get("slide"))
-    || state.slides.find((s) => s.task === $("task").value);
+    || sortedSlides().find((s) => s.task === $("task").value);
   if (want) loadSlide(want, { threshold: q.get("threshold") ?? undefined,
     x: parseFloat(q.get("x")), y: parseFloat(q.get("y")), z: parseFloat(q.get("z")) || null });
 })();
