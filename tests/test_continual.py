@@ -331,3 +331,16 @@ def test_strategies_that_remember_keep_their_memory_in_the_checkpoint(cohorts, t
         assert state["fisher"] and set(state["fisher"]) <= set(state["anchor"])
         assert all(bool((f >= 0).all()) for f in state["fisher"].values())
         assert any(float(f.sum()) > 0 for f in state["fisher"].values())
+
+
+def test_adapter_lr_applies_to_added_tasks_only(sequence):
+    """continual.adapter_lr sets the added task's optimizer; the first task keeps optimizer.lr."""
+    first = MILModule.from_checkpoint(sequence["runs"][0] / "best.ckpt")
+    second = MILModule.from_checkpoint(sequence["runs"][1] / "best.ckpt")
+    for module in (first, second):
+        module.strategy.options["adapter_lr"] = 5e-3
+    assert first.strategy.learning_rate(first, 1e-3) == 1e-3
+    assert second.strategy.learning_rate(second, 1e-3) == 5e-3
+    optimizer = second.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    assert optimizer.param_groups[0]["lr"] == 5e-3

@@ -274,6 +274,12 @@ class ContinualConfig(StrictModel):
     projection: bool = Field(True, description="owlora: gradient projection off earlier tasks' subspaces")
     project_updates: bool = Field(True, description="owlora: also project each optimizer step's update")
     alpha: float | None = Field(None, gt=0, description="lora: α (default: the rank, i.e. scale 1)")
+    adapter_lr: float | None = Field(
+        None,
+        gt=0,
+        description="owlora, lora: learning rate of an added task's adapter and head "
+        "(default: optimizer.lr); adapters starting at B = 0 usually want a larger one",
+    )
     ewc_lambda: float = Field(100.0, ge=0, description="ewc: penalty weight λ")
     ewc_gamma: float = Field(1.0, ge=0, le=1, description="ewc: decay of the earlier Fisher (online EWC)")
     buffer_size: int = Field(30, ge=1, description="replay: reservoir buffer of earlier-task bags")
@@ -285,8 +291,9 @@ class ContinualConfig(StrictModel):
         """The strategy options the Lightning module records (plain types)."""
         out = self.model_dump(exclude={"evaluate_earlier"})
         out["name"] = out.pop("method")
-        if out["alpha"] is None:
-            out.pop("alpha")
+        for optional in ("alpha", "adapter_lr"):
+            if out[optional] is None:
+                out.pop(optional)
         out["seed"] = seed
         return out
 

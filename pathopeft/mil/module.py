@@ -368,7 +368,8 @@ class MILModule(lightning.LightningModule):
         if not params:
             raise ValueError("nothing to train: every parameter of the model is frozen")
         optim_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg["name"]]
-        optimizer = optim_cls(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        lr = self.strategy.learning_rate(self, float(cfg["lr"]))
+        optimizer = optim_cls(params, lr=lr, weight_decay=cfg["weight_decay"])
         self.strategy.on_optimizer(self, optimizer)
         sched = self.schedule_cfg
         if sched["name"] == "constant" and not sched["warmup_epochs"]:
