@@ -36,7 +36,7 @@ from pathopeft.features.backbones import Backbone, backbone_dirname, build_backb
 from pathopeft.features.extract import FeatureExtractor
 from pathopeft.features.manifest import LiveManifest, SlideRecord
 from pathopeft.features.processor import OutputLayout, SlideProcessor
-from pathopeft.features.runtime import Runtime
+from pathopeft.features.runtime import Runtime, make_runtime
 from pathopeft.files import remove_stale_partials
 
 __all__ = ["TileSummary", "run_tile"]
@@ -99,7 +99,7 @@ def _run_tile(inputs: Sequence[str | Path], config: TileConfig) -> TileSummary:
     start = time.perf_counter()
     run = config.run
     # usage problems (devices, inputs) and the encoder fail fast, before any process is spawned
-    runtime = Runtime(run.accelerator, run.devices, run.num_nodes, run.strategy, run.precision)
+    runtime = make_runtime(run.accelerator, run.devices, run.num_nodes, run.strategy, run.precision)
     sources = discover(inputs)
     backbone = _build_backbone(config) if config.features.enabled else None
     runtime.launch()
