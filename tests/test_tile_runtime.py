@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pathopeft.config import ConfigError
-from pathopeft.features.runtime import FabricRuntime, Runtime, make_runtime
+from pathopeft.features.runtime import FabricRuntime, Runtime, auto_workers, make_runtime
 from pathopeft.wsi.synth import make_synthetic_slide
 
 HEAVY = ("lightning", "lightning.fabric", "torchmetrics", "transformers")
@@ -83,3 +83,17 @@ def test_plain_runtime_autocast_and_bad_settings() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             make_runtime("cuda", 1)
+
+
+def test_worker_default_follows_the_machine(monkeypatch) -> None:
+    """features.num_workers defaults to null = usable cores per device, capped (was a fixed 2)."""
+    import pathopeft.features.runtime as runtime
+    from pathopeft.config.tile import TileConfig
+
+    assert TileConfig().features.num_workers is None
+    assert auto_workers(1, cores=16) == 8  # capped
+    assert auto_workers(2, cores=16) == 8 and auto_workers(4, cores=16) == 4
+    assert auto_workers(1, cores=2) == 2 and auto_workers(8, cores=2) == 1  # never 0
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    assert runtime.usable_cores() == 6 and auto_workers(2) == 3  # a batch job's CPU share, not the node's
+    assert TileConfig.model_validate({"features": {"num_workers": 0}}).features.num_workers == 0

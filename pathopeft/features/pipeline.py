@@ -36,7 +36,7 @@ from pathopeft.features.backbones import Backbone, backbone_dirname, build_backb
 from pathopeft.features.extract import FeatureExtractor
 from pathopeft.features.manifest import LiveManifest, SlideRecord
 from pathopeft.features.processor import OutputLayout, SlideProcessor
-from pathopeft.features.runtime import Runtime, make_runtime
+from pathopeft.features.runtime import Runtime, auto_workers, make_runtime
 from pathopeft.files import remove_stale_partials
 
 __all__ = ["TileSummary", "run_tile"]
@@ -119,13 +119,17 @@ def _run_tile(inputs: Sequence[str | Path], config: TileConfig) -> TileSummary:
 
     extractor = None
     if backbone is not None:
+        workers = config.features.num_workers
+        if workers is None:
+            workers = auto_workers(run.devices)
+            log.info("reading tiles with %d worker process(es) per device (features.num_workers)", workers)
         extractor = FeatureExtractor(
             backbone,
             device=runtime.device,
             autocast=runtime.autocast,
             precision=runtime.precision,
             batch_size=config.features.batch_size,
-            num_workers=config.features.num_workers,
+            num_workers=workers,
             resize_to=config.features.resize_to,
         )
     processor = SlideProcessor(config, layout, extractor)

@@ -28,12 +28,39 @@ import torch
 
 from pathopeft.config import ConfigError
 
-__all__ = ["FabricRuntime", "Runtime", "make_runtime", "resolve_precision"]
+__all__ = [
+    "MAX_AUTO_WORKERS",
+    "FabricRuntime",
+    "Runtime",
+    "auto_workers",
+    "make_runtime",
+    "resolve_precision",
+]
 
 log = logging.getLogger(__name__)
 
 # precisions the plain runtime implements with torch.autocast (anything else goes through Fabric)
 _AUTOCAST = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+# One worker reads ≈ 1,400 tiles/s (benchmarks/RESULTS.md): 8 feed ≈ 11,000 tiles/s, more than one
+# GPU encodes; more workers would only cost memory and start-up time.
+MAX_AUTO_WORKERS = 8
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a batch job's share, not the node's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def auto_workers(devices_per_node: int = 1, cores: int | None = None) -> int:
+    """Tile-reading workers per device when ``features.num_workers`` is null: the usable cores split
+    across this node's devices, between 1 and :data:`MAX_AUTO_WORKERS`."""
+    cores = usable_cores() if cores is None else int(cores)
+    return max(1, min(MAX_AUTO_WORKERS, cores // max(1, int(devices_per_node))))
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
