@@ -31,7 +31,7 @@ from pathopeft.features.manifest import SlideRecord
 from pathopeft.wsi import open_slide
 from pathopeft.wsi.slide import Slide, one_line
 
-__all__ = ["OutputLayout", "SlideProcessor"]
+__all__ = ["OutputLayout", "SlideProcessor", "safe_slide_id"]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class SlideProcessor:
         """Process one ``SlideSource`` (path, slide_id, mpp); the record says how it went."""
         start = time.perf_counter()
         rec = SlideRecord(slide_id=source.slide_id, path=str(source.path))
-        if not _safe_id(source.slide_id):
+        if not safe_slide_id(source.slide_id):
             rec.error = f"slide_id {source.slide_id!r} is not a plain file name (outputs are named by it)"
             log.warning("%s: error: %s", source.slide_id, rec.error)
             return rec
@@ -253,7 +253,7 @@ class SlideProcessor:
                 path.unlink(missing_ok=True)
 
 
-def _safe_id(slide_id: str) -> bool:
+def safe_slide_id(slide_id: str) -> bool:
     """Outputs are ``<dir>/<slide_id>.h5``: an id must not climb out of, or into, folders."""
     return bool(slide_id) and slide_id not in {".", ".."} and not any(c in slide_id for c in "/\\\0")
 
