@@ -17,7 +17,7 @@ from pathopeft.config import ConfigError
 from pathopeft.features.runtime import FabricRuntime, Runtime, auto_workers, make_runtime
 from pathopeft.wsi.synth import make_synthetic_slide
 
-HEAVY = ("lightning", "lightning.fabric", "torchmetrics", "transformers")
+HEAVY = ("lightning", "lightning.fabric", "torchmetrics", "transformers", "timm", "torch")
 
 PROBE = textwrap.dedent(
     """
@@ -46,7 +46,8 @@ def _probe(tmp_path: Path, *args: str) -> dict:
 
 def test_single_device_tile_never_imports_lightning(tmp_path) -> None:
     """`pathopeft tile` on one device (features on and off) runs without importing Lightning Fabric
-    and what it drags in (torchmetrics, transformers): seconds of start-up for nothing."""
+    and what it drags in (torchmetrics, transformers): seconds of start-up for nothing. With
+    --no-features nothing runs on a device: not even torch (or timm) is imported."""
     slides = tmp_path / "slides"
     make_synthetic_slide(slides / "s0.tiff", width=768, height=512, seed=1, tile=128)
     common = ["tile", str(slides), "--no-progress", "--tile-px", "64", "--target-mpp", "1.0"]
@@ -56,7 +57,7 @@ def test_single_device_tile_never_imports_lightning(tmp_path) -> None:
         tmp_path, *common, "--out", str(tmp_path / "b"), "--backbone", "resnet18", "--no-pretrained",
         "--workers", "0", "--set", "features.resize_to=tile",
     )  # fmt: skip
-    assert feats == {"code": 0, "loaded": []}
+    assert feats == {"code": 0, "loaded": ["timm", "torch"]}
     assert (tmp_path / "b" / "features" / "resnet18" / "s0.h5").is_file()
 
 

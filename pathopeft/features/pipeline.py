@@ -31,19 +31,19 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tqdm.auto import tqdm
 
 from pathopeft.config import ConfigError
 from pathopeft.config.tile import TileConfig
-from pathopeft.features.backbones import Backbone, backbone_dirname, build_backbone
-from pathopeft.features.extract import FeatureExtractor
 from pathopeft.features.manifest import LiveManifest, SlideRecord
 from pathopeft.features.processor import OutputLayout, SlideProcessor, safe_slide_id
 from pathopeft.features.runstate import RunState
 from pathopeft.features.runtime import Runtime, auto_workers, make_runtime
+
+if TYPE_CHECKING:  # torch, timm and the encoder are imported only when features are computed
+    from pathopeft.features.backbones import Backbone
 
 __all__ = ["TileSummary", "run_tile"]
 
@@ -105,15 +105,24 @@ def _run_tile(inputs: Sequence[str | Path], config: TileConfig) -> TileSummary:
     start = time.perf_counter()
     run = config.run
     # usage problems (devices, inputs) and the encoder fail fast, before any process is spawned
-    runtime = make_runtime(run.accelerator, run.devices, run.num_nodes, run.strategy, run.precision)
+    runtime = make_runtime(
+        run.accelerator, run.devices, run.num_nodes, run.strategy, run.precision,
+        device_needed=config.features.enabled,
+    )  # fmt: skip
     sources = discover(inputs)
     backbone = _build_backbone(config) if config.features.enabled else None
     runtime.launch()
     if runtime.world_size > 1 and runtime.device.type == "cpu":
+        import torch
+
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // run.devices))
 
-    name = config.features.name or backbone_dirname(config.features.backbone)
-    layout = OutputLayout(Path(config.output.dir), name if backbone is not None else None)
+    name = None
+    if backbone is not None:
+        from pathopeft.features.backbones import backbone_dirname
+
+        name = config.features.name or backbone_dirname(config.features.backbone)
+    layout = OutputLayout(Path(config.output.dir), name)
     with RunState(layout.root) as state:
         # one collective, at the start (every rank arrives within seconds): the run's identity
         run_id, leader = runtime.broadcast((uuid.uuid4().hex[:12], state.tag))
@@ -150,6 +159,8 @@ def _run_shard(
     """This rank's slides, each under its claim; stopped early, the finished rows are kept."""
     extractor = None
     if backbone is not None:
+        from pathopeft.features.extract import FeatureExtractor
+
         workers = config.features.num_workers
         if workers is None:
             workers = auto_workers(config.run.devices)
@@ -208,6 +219,8 @@ def discover(inputs: Sequence[str | Path]) -> list[Any]:
 
 
 def _build_backbone(config: TileConfig) -> Backbone:
+    from pathopeft.features.backbones import build_backbone
+
     f = config.features
     return build_backbone(
         f.backbone, pretrained=f.pretrained, weights=f.weights, seed=f.seed, model_kwargs=f.model_kwargs

@@ -18,18 +18,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 
 from pathopeft import __version__
 from pathopeft.bags import FeatureBag, write_bag
 from pathopeft.config.tile import TileConfig
-from pathopeft.features.extract import FeatureExtractor
 from pathopeft.features.fingerprint import features_fingerprint, source_size, tiling_fingerprint
 from pathopeft.features.manifest import SlideRecord
 from pathopeft.wsi import open_slide
 from pathopeft.wsi.slide import Slide, one_line
+
+if TYPE_CHECKING:
+    from pathopeft.features.extract import FeatureExtractor
 
 __all__ = ["OutputLayout", "SlideProcessor", "safe_slide_id"]
 

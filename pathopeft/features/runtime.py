@@ -22,11 +22,12 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pathopeft.config import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "MAX_AUTO_WORKERS",
@@ -40,7 +41,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # precisions the plain runtime implements with torch.autocast (anything else goes through Fabric)
-_AUTOCAST = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+_AUTOCAST = {"32-true": None, "32": None, "bf16-mixed": "bfloat16", "16-mixed": "float16"}
 
 
 # One worker reads ≈ 1,400 tiles/s (benchmarks/RESULTS.md): 8 feed ≈ 11,000 tiles/s, more than one
@@ -67,6 +68,8 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     """``auto`` → ``bf16-mixed`` on CUDA with bf16 support, else ``32-true`` (CPU autocast is slow)."""
     if precision != "auto":
         return precision
+    import torch
+
     wants_cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
     if wants_cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
@@ -79,24 +82,27 @@ def make_runtime(
     num_nodes: int = 1,
     strategy: str = "auto",
     precision: str = "auto",
+    *,
+    device_needed: bool = True,
 ) -> Runtime:
     """The plain-torch :class:`Runtime` for one local device, else a :class:`FabricRuntime`.
 
     Fabric is also used for one device when the process was started by an external launcher
     (``WORLD_SIZE`` > 1: torchrun), for a strategy other than ``auto``, or for a precision that
-    is not a plain autocast (``64-true``).
+    is not a plain autocast (``64-true``). ``device_needed=False`` (a ``--no-features`` run on one
+    device) sets nothing up, so not even torch is imported.
     """
-    resolved = resolve_precision(precision, accelerator)
-    external = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
-    plain = (
+    plain_settings = (
         str(devices) == "1"
         and int(num_nodes) == 1
         and strategy in ("auto", "single_device")
-        and resolved in _AUTOCAST
         and accelerator in ("auto", "cpu", "cuda", "gpu", "mps")
-        and not external
+        and int(os.environ.get("WORLD_SIZE", "1") or 1) == 1
     )
-    if plain:
+    if plain_settings and not device_needed:
+        return Runtime(accelerator, precision=precision, device_needed=False)
+    resolved = resolve_precision(precision, accelerator)
+    if plain_settings and resolved in _AUTOCAST:
         return Runtime(accelerator, precision=resolved)
     return FabricRuntime(accelerator, devices, num_nodes, strategy, resolved)
 
@@ -108,17 +114,32 @@ class Runtime:
     :class:`~pathopeft.config.ConfigError` naming the ``run:`` keys, as Fabric's would be.
     """
 
-    def __init__(self, accelerator: str = "auto", devices: int | str = 1, precision: str = "auto") -> None:
-        self.precision = resolve_precision(precision, accelerator)
+    def __init__(
+        self,
+        accelerator: str = "auto",
+        devices: int | str = 1,
+        precision: str = "auto",
+        *,
+        device_needed: bool = True,
+    ) -> None:
         self._launched = False
         if str(devices) != "1":
             raise ConfigError(f"run: the single-device runtime got devices={devices!r}; use make_runtime()")
+        self._device: torch.device | None = None
+        self._dtype: torch.dtype | None = None
+        if not device_needed:  # nothing runs on a device: no torch import, no device checks
+            self.precision = precision
+            return
+        import torch
+
+        self.precision = resolve_precision(precision, accelerator)
         self._device = self._pick_device(accelerator)
         if self.precision not in _AUTOCAST:
             raise ConfigError(
                 f"run: precision={self.precision!r} needs the Fabric runtime (make_runtime picks it)"
             )
-        self._dtype = _AUTOCAST[self.precision]
+        name = _AUTOCAST[self.precision]
+        self._dtype = getattr(torch, name) if name else None
         if self._dtype is torch.float16 and self._device.type == "cpu":
             raise ConfigError(
                 "run: cannot set up precision='16-mixed' on the CPU (no fp16 autocast there); "
@@ -126,6 +147,8 @@ class Runtime:
             )
 
     def _pick_device(self, accelerator: str) -> torch.device:
+        import torch
+
         mps = getattr(torch.backends, "mps", None)
         has_mps = bool(mps is not None and mps.is_available())
         if accelerator == "cpu":
@@ -164,13 +187,19 @@ class Runtime:
 
     @property
     def device(self) -> torch.device:
+        if self._device is None:  # set up without a device (device_needed=False)
+            import torch
+
+            return torch.device("cpu")
         return self._device
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
-        if self._dtype is None:
+        if self._dtype is None or self._device is None:
             yield
             return
+        import torch
+
         with torch.autocast(device_type=self._device.type, dtype=self._dtype):
             yield
 
