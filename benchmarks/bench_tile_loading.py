@@ -26,7 +26,7 @@ read (GPU path) by a new DataLoader per slide (fresh workers per slide: the base
 ``FeatureExtractor`` does), batches split over the workers as ``FeatureExtractor`` splits them.
 
     python benchmarks/bench_tile_loading.py [--size 16384] [--max-tiles 4096] [--repeats 2]
-                                            [--cohort-slides 8] [--cohort-tiles 300]
+                                            [--cohort-slides 8] [--cohort-tiles 300] [--workers 1,2,4,8]
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def warm_up(path: Path, coords: np.ndarray) -> None:
         pass
 
 
-def run(name: str, path: Path, coords: np.ndarray, repeats: int) -> list[str]:
+def run(name: str, path: Path, coords: np.ndarray, repeats: int, counts: list[int]) -> list[str]:
     backend = open_slide(path).backend
     warm_up(path, coords)
     rows = [f"### {name} ({len(coords)} tiles of {TILE} px → {OUT} px, reader backend: {backend})", ""]
@@ -125,7 +125,7 @@ def run(name: str, path: Path, coords: np.ndarray, repeats: int) -> list[str]:
         "| ours, CPU path (+ resize + normalise) | ratio |"
     ]
     rows += ["|---:|---:|---:|---:|---:|---:|"]
-    for workers in (1, 2):
+    for workers in counts:
         base, gpu, cpu = 0.0, (0.0, 0.0), (0.0, 0.0)
         for _ in range(repeats):  # interleaved, so load changes hit all three alike
             base = max(base, bench_openslide(path, coords, workers))
@@ -161,7 +161,9 @@ def bench_cohort(path: Path, slides: list[np.ndarray], workers: int, *, pooled: 
     return n / elapsed
 
 
-def run_cohort(path: Path, coords: np.ndarray, n_slides: int, n_tiles: int, repeats: int) -> list[str]:
+def run_cohort(
+    path: Path, coords: np.ndarray, n_slides: int, n_tiles: int, repeats: int, counts: list[int]
+) -> list[str]:
     slides = [coords[(i * n_tiles) % max(1, len(coords) - n_tiles) :][:n_tiles] for i in range(n_slides)]
     rows = [
         f"### Cohort of {n_slides} small slides × {len(slides[0])} tiles (GPU path, uint8 batches)",
@@ -169,7 +171,7 @@ def run_cohort(path: Path, coords: np.ndarray, n_slides: int, n_tiles: int, repe
         "| workers | new loader per slide | one pool across slides | ratio |",
         "|---:|---:|---:|---:|",
     ]
-    for workers in (1, 2):
+    for workers in counts:
         fresh = pooled = 0.0
         for _ in range(repeats):  # interleaved
             fresh = max(fresh, bench_cohort(path, slides, workers, pooled=False))
@@ -191,9 +193,21 @@ def main() -> None:
     parser.add_argument("--cohort-slides", type=int, default=8, help="small slides in the cohort run")
     parser.add_argument("--cohort-tiles", type=int, default=300, help="tiles per small slide")
     parser.add_argument("--cohort-only", action="store_true", help="only the cohort measurement")
+    parser.add_argument(
+        "--workers",
+        default="1,2",
+        help="worker counts to measure, comma-separated (e.g. 1,2,4,8 on a machine with the cores)",
+    )
     args = parser.parse_args()
+    counts = [int(w) for w in args.workers.split(",") if w.strip()]
     torch.set_num_threads(1)
-    report: list[str] = [f"cpu cores visible: {os.cpu_count()}", ""]
+    from pathopeft.features.runtime import auto_workers, usable_cores
+
+    report: list[str] = [
+        f"cpu cores visible: {os.cpu_count()}, usable: {usable_cores()}; "
+        f"default workers for one device: {auto_workers(1)}",
+        "",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         from pathopeft.wsi.synth import make_synthetic_slide
 
@@ -202,11 +216,15 @@ def main() -> None:
         coords = grid_coords(info.width, info.height, args.max_tiles)
         if not args.cohort_only:
             report += run(
-                f"synthetic generic TIFF {args.size}×{args.size} (JPEG q80)", path, coords, args.repeats
+                f"synthetic generic TIFF {args.size}×{args.size} (JPEG q80)",
+                path,
+                coords,
+                args.repeats,
+                counts,
             )
             report.append("")
         warm_up(path, coords)
-        report += run_cohort(path, coords, args.cohort_slides, args.cohort_tiles, args.repeats)
+        report += run_cohort(path, coords, args.cohort_slides, args.cohort_tiles, args.repeats, counts)
         report.append("")
     svs = SHARED / "wsi" / "CMU-1-Small-Region.svs"
     if svs.is_file() and not args.cohort_only:
@@ -215,7 +233,11 @@ def main() -> None:
         offsets = range(0, 256, 32)
         coords = np.concatenate([grid_coords(w, h, args.max_tiles, off) for off in offsets])
         report += run(
-            "CMU-1-Small-Region.svs (Aperio, JPEG q30, 240-px stored tiles)", svs, coords, args.repeats
+            "CMU-1-Small-Region.svs (Aperio, JPEG q30, 240-px stored tiles)",
+            svs,
+            coords,
+            args.repeats,
+            counts,
         )
     if STARTUP:
         report += [

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from pathopeft.features.backbones import build_backbone
-from pathopeft.features.dataset import Preprocess, TileDataset, make_tile_loader
+from pathopeft.features.dataset import Preprocess, TileDataset, TileLoaderPool, make_tile_loader
 from pathopeft.features.extract import FeatureExtractor
 from pathopeft.wsi.slide import Slide
 
@@ -193,3 +196,39 @@ def test_worker_pool_is_kept_across_slides_and_replaced_after_a_failure(slide) -
         assert ex._pool is not None and set(ex._pool.worker_pids).isdisjoint(pids[0])
         pool = ex._pool
     assert ex._pool is None and pool.worker_pids == []  # the context manager stopped them
+
+
+def _gone(pids: list[int]) -> bool:
+    """True once none of ``pids`` is a live process (bounded poll; not a speed assertion)."""
+    for _ in range(100):
+        alive = [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to see the worker processes")
+def test_pool_close_falls_back_when_dataloader_internals_change(slide, monkeypatch) -> None:
+    """close() uses DataLoader's private _shutdown_workers; a torch release without it must still
+    get its workers stopped, with no AttributeError out of close()."""
+    from torch.utils.data import dataloader
+
+    pool = TileLoaderPool(2)
+    dataset = TileDataset(slide, COORDS, 0, 32, 32)
+    assert sum(len(b) for b in pool.batches(dataset, 2)) == len(COORDS)
+    pids = pool.worker_pids
+    assert len(pids) == 2
+    # the iterator's own __del__ calls it too: keep a no-op there so only close() is being tested
+    monkeypatch.delattr(dataloader._MultiProcessingDataLoaderIter, "_shutdown_workers")
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "__del__", lambda self: None)
+    pool.close()
+    assert pool.worker_pids == [] and _gone(pids)
+    pool.close()  # idempotent

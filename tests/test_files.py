@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from pathopeft.files import atomic_path, atomic_write_json, atomic_write_text, remove_stale_partials
+from pathopeft.files import (
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    host_name,
+    remove_stale_partials,
+)
 
 
 def test_success_renames_into_place(tmp_path: Path) -> None:
@@ -39,7 +47,9 @@ def test_partial_name_never_matches_the_extension(tmp_path: Path) -> None:
 
 def test_remove_stale_partials(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
-    stale = tmp_path / "a" / ".x.h5.partial-123-abcd"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that is certainly gone: only a gone writer's partial file is stale
+    stale = tmp_path / "a" / f".x.h5.partial-{host_name()}-{dead.pid}-abcd"
     stale.write_bytes(b"x")
     keep = tmp_path / "a" / "x.h5"
     keep.write_bytes(b"y")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -17,7 +19,7 @@ from safetensors.torch import save_file
 from pathopeft.cli import main
 from pathopeft.features.backbones import build_backbone
 from pathopeft.features.dataset import Preprocess, TileDataset
-from pathopeft.files import PARTIAL_MARKER
+from pathopeft.files import PARTIAL_MARKER, host_name
 from pathopeft.wsi import open_slide, read_coords
 from pathopeft.wsi.synth import make_synthetic_slide
 
@@ -181,7 +183,9 @@ def test_bad_inputs_each_get_a_row_and_leave_nothing_behind(tmp_path, synth) -> 
     (slides / "truncated.tiff").write_bytes(synth["s1"].path.read_bytes()[:3000])
     (slides / "fake.svs").write_text("this is not a slide\n")
     out = tmp_path / "out"
-    stale = out / "coords" / f".blank.h5{PARTIAL_MARKER}999-dead"  # left by a killed run
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # left by a killed run (a pid that is certainly gone)
+    stale = out / "coords" / f".blank.h5{PARTIAL_MARKER}{host_name()}-{dead.pid}-dead"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"partial")
 

@@ -106,10 +106,10 @@ def test_single_device_runtime_spawns_nothing() -> None:
 def test_impossible_devices_are_a_usage_error() -> None:
     import torch
 
-    from pathopeft.features.runtime import Runtime
+    from pathopeft.features.runtime import make_runtime
 
     with pytest.raises(ConfigError, match="cannot set up"):  # one more GPU than there is
-        Runtime(accelerator="cuda", devices=torch.cuda.device_count() + 1, precision="32-true")
+        make_runtime(accelerator="cuda", devices=torch.cuda.device_count() + 1, precision="32-true")
 
 
 def test_summary_counts_and_exit_codes(tmp_path) -> None:

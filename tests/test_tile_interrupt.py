@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from pathopeft.cli import main
 from pathopeft.features.manifest import LiveManifest, SlideRecord, read_manifest, write_manifest
+from pathopeft.features.runstate import RunState
 from pathopeft.files import PARTIAL_MARKER, atomic_path
 from pathopeft.wsi.synth import make_synthetic_slide
 
@@ -152,38 +153,52 @@ def test_sigkilled_run_leaves_a_valid_manifest(tmp_path, cohort) -> None:
 
 
 def test_live_manifest_merges_ranks_journals_and_earlier_rows(tmp_path) -> None:
+    """Rows reach each process's journal at once and the manifest on rank 0's (throttled) rewrites;
+    every rewrite re-reads the manifest on disk, so rows another run wrote meanwhile survive."""
     path = tmp_path / "manifest.csv"
     write_manifest(path, [_record("old"), _record("s1", "error")])
-    rank0 = LiveManifest(path, rank=0, min_interval=0.0, cost_factor=0.0)
-    rank1 = LiveManifest(path, rank=1)
-    rank0.start()
-    rank0.add(_record("s0"))
-    assert {r.slide_id for r in read_manifest(path)} == {"old", "s0", "s1"}
-    rank1.add(_record("s1"))  # rank 1's row reaches the disk at once (its journal) ...
-    journal = rank1.journal_path(1)
-    assert journal.is_file() and json.loads(journal.read_text().splitlines()[0])["slide_id"] == "s1"
-    with open(journal, "a") as fh:
-        fh.write('{"slide_id": "s3", "sta')  # a torn line (killed mid-write) is skipped
-    rank0.add(_record("s2"))  # ... and into manifest.csv with rank 0's next rewrite
-    rows = {r.slide_id: r for r in read_manifest(path)}
-    assert set(rows) == {"old", "s0", "s1", "s2"} and rows["s1"].status == "ok"
+    # live pids for the simulated other processes (their writer locks are held here)
+    others = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]) for _ in range(2)]
+    try:
+        with (
+            RunState(tmp_path) as s0,
+            RunState(tmp_path, pid=others[0].pid) as s1,
+            RunState(tmp_path, pid=others[1].pid) as s2,
+        ):
+            common = {"world_size": 2, "run_id": "run", "leader": s0.tag}
+            rank0 = LiveManifest(path, rank=0, state=s0, min_interval=0.0, cost_factor=0.0, **common)
+            rank1 = LiveManifest(path, rank=1, state=s1, **common)
+            rank1.open()
+            rank0.start()
+            rank0.add(_record("s0"))
+            assert {r.slide_id for r in read_manifest(path)} == {"old", "s0", "s1"}
+            rank1.add(_record("s1"))  # rank 1's row reaches the disk at once (its journal) ...
+            lines = rank1.journal.read_text().splitlines()
+            assert json.loads(lines[-1])["row"]["slide_id"] == "s1"
+            # another run rewrites the manifest meanwhile (its own row): it must survive
+            write_manifest(path, [*read_manifest(path), _record("elsewhere")])
+            rank0.add(_record("s2"))  # ... and into manifest.csv with rank 0's next rewrite
+            rows = {r.slide_id: r for r in read_manifest(path)}
+            assert set(rows) == {"old", "s0", "s1", "s2", "elsewhere"} and rows["s1"].status == "ok"
 
-    # throttled: a rewrite at most every min_interval seconds; flush() writes now
-    slow = LiveManifest(path, rank=0, min_interval=3600.0)
-    slow.start()  # a restart folds the journal of the "interrupted" run into the manifest
-    assert not journal.exists() and rows.keys() == {r.slide_id for r in read_manifest(path)}
-    slow.add(_record("s4"))  # the first row is written at once
-    slow.add(_record("s5"))
-    assert "s5" not in {r.slide_id for r in read_manifest(path)}
-    slow.flush()
-    assert "s5" in {r.slide_id for r in read_manifest(path)}
+            # throttled: a rewrite at most every min_interval seconds; flush() writes now
+            slow = LiveManifest(path, rank=0, state=s2, run_id="later", min_interval=3600.0)
+            slow.add(_record("s4"))  # the first row is written at once
+            slow.add(_record("s5"))
+            assert "s5" not in {r.slide_id for r in read_manifest(path)}
+            slow.flush()
+            assert "s5" in {r.slide_id for r in read_manifest(path)}
 
-    # the end of a run: every rank's rows; journals removed
-    rank1 = LiveManifest(path, rank=1)
-    rank1.add(_record("s6"))
-    rank1.finish([])
-    slow.finish([_record("s6"), _record("s0", "empty")])
+            # the end of the run: rank 1 says it is done; rank 0 collects the run's rows, journals go
+            assert [r.slide_id for r in rank1.finish()] == ["s1"]
+            assert sorted(r.slide_id for r in rank0.finish()) == ["s0", "s1", "s2"]
+            assert not rank1.journal.exists() and not rank0.journal.exists()
+            slow.finish()
+    finally:
+        for proc in others:
+            proc.kill()
+            proc.wait()
     rows = {r.slide_id: r for r in read_manifest(path)}
-    assert rows["s0"].status == "empty" and {"old", "s4", "s5", "s6"} <= set(rows)
-    assert not list(tmp_path.glob(".manifest-rank*"))
-    assert [p.name for p in tmp_path.iterdir()] == ["manifest.csv"]
+    assert {"old", "s0", "s1", "s2", "s4", "s5", "elsewhere"} == set(rows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".pathopeft", "manifest.csv"]
+    assert not list((tmp_path / ".pathopeft").glob("journal-*"))

@@ -60,7 +60,9 @@ class FeatureConfig(StrictModel):
     # Tiles per forward pass (per device).
     batch_size: int = Field(64, ge=1)
     # DataLoader worker processes reading tiles (per device); 0 reads in the main process.
-    num_workers: int = Field(2, ge=0)
+    # null (default) = what the machine has: the CPU cores this process may use divided by the
+    # devices per node, at most 8 (pathopeft.features.runtime.auto_workers).
+    num_workers: int | None = Field(None, ge=0)
     # Folder name under OUT/features/; null = the backbone name made filesystem-safe.
     name: str | None = None
     # Storage dtype of the feature matrix in the h5 bag.

@@ -8,19 +8,45 @@ feats = extractor.extract(slide, grid.coords, grid.level, grid.read_size, grid.t
 summary = run_tile(["slides/"], TileConfig())   # the whole command: manifest, coords, bags
 """
 
-from pathopeft.features.backbones import (
-    Backbone,
-    BackboneError,
-    OfflineHubError,
-    backbone_dirname,
-    build_backbone,
-    load_weights_file,
-)
-from pathopeft.features.dataset import Preprocess, TileDataset, TileLoaderPool, make_tile_loader
-from pathopeft.features.extract import FeatureExtractor
-from pathopeft.features.manifest import SlideRecord, read_manifest, write_manifest
-from pathopeft.features.pipeline import TileSummary, run_tile
-from pathopeft.features.processor import OutputLayout, SlideProcessor
+import importlib
+from typing import Any
+
+# Exports are imported on first use (PEP 562): ``pathopeft tile --no-features`` reaches
+# ``pathopeft.features.pipeline`` through this package and must not pay for torch and timm.
+_EXPORTS = {
+    "Backbone": "backbones",
+    "BackboneError": "backbones",
+    "OfflineHubError": "backbones",
+    "backbone_dirname": "backbones",
+    "build_backbone": "backbones",
+    "load_weights_file": "backbones",
+    "Preprocess": "dataset",
+    "TileDataset": "dataset",
+    "TileLoaderPool": "dataset",
+    "make_tile_loader": "dataset",
+    "FeatureExtractor": "extract",
+    "SlideRecord": "manifest",
+    "read_manifest": "manifest",
+    "write_manifest": "manifest",
+    "TileSummary": "pipeline",
+    "run_tile": "pipeline",
+    "OutputLayout": "processor",
+    "SlideProcessor": "processor",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pathopeft.features' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"pathopeft.features.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_EXPORTS))
+
 
 __all__ = [
     "Backbone",

@@ -36,7 +36,10 @@ Design, for throughput:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
+import logging
 import multiprocessing as mp
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -50,6 +53,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from pathopeft.wsi.slide import Slide
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Preprocess",
@@ -326,17 +331,50 @@ class TileLoaderPool:
     @property
     def worker_pids(self) -> list[int]:
         """PIDs of the live workers (empty before the first slide and after :meth:`close`)."""
-        it = getattr(self._loader, "_iterator", None)
-        return [int(w.pid) for w in getattr(it, "_workers", []) if w.pid is not None]
+        return [int(w.pid) for w in _loader_workers(self._loader) if getattr(w, "pid", None) is not None]
 
     def close(self) -> None:
-        """Stop the workers now (idempotent)."""
+        """Stop the workers now (idempotent).
+
+        DataLoader has no public way to stop persistent workers before garbage collection, so this
+        uses its private ``_iterator`` / ``_iterator._shutdown_workers()`` / ``._workers`` (see
+        :data:`TESTED_TORCH`). Where a torch release renames them it falls back: terminate the
+        worker processes it can find, then drop the iterator and collect it (its ``__del__`` stops
+        the workers in every torch release so far) — never an ``AttributeError`` from ``close``.
+        """
         loader, self._loader = self._loader, None
-        it = getattr(loader, "_iterator", None)
-        if it is not None:
-            it._shutdown_workers()  # what the iterator's __del__ does; done now, not at GC time
-            loader._iterator = None  # type: ignore[union-attr]
         self._plan.batches = []
+        if loader is None:
+            return
+        it = getattr(loader, "_iterator", None)
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()  # what the iterator's __del__ does; done now, not at GC time
+        else:
+            if it is not None:
+                log.debug("DataLoader internals changed (no _shutdown_workers): terminating workers")
+            for worker in _loader_workers(loader):
+                with contextlib.suppress(Exception):
+                    worker.terminate()
+                    worker.join(timeout=5)
+        with contextlib.suppress(Exception):
+            loader._iterator = None  # type: ignore[attr-defined]
+        del it, loader
+        gc.collect()
+
+
+# DataLoader internals TileLoaderPool relies on (private API, unchanged since persistent workers
+# came in torch 1.7): checked on torch 2.14.1, the top of the range pyproject.toml allows
+# (torch>=2.4,<2.15, capped there partly for this). The fallbacks in close() cover a release that
+# renames them; tests/test_features_loading.py checks both paths.
+TESTED_TORCH = "2.14.1"
+
+
+def _loader_workers(loader: DataLoader | None) -> list:
+    """The worker processes of a loader's live iterator, or [] (no iterator, or internals renamed)."""
+    it = getattr(loader, "_iterator", None)
+    workers = getattr(it, "_workers", None)
+    return list(workers) if isinstance(workers, (list, tuple)) else []
 
 
 class Preprocess(nn.Module):

@@ -17,6 +17,7 @@ import torch
 
 from pathopeft.features.backbones import Backbone
 from pathopeft.features.dataset import Preprocess, TileDataset, TileLoaderPool, make_tile_loader
+from pathopeft.features.runtime import auto_workers
 from pathopeft.wsi.slide import Slide
 
 __all__ = ["FeatureExtractor", "ResizeTo"]
@@ -27,6 +28,7 @@ ResizeTo = Literal["model", "tile"] | int
 class FeatureExtractor:
     """A backbone on a device, plus the loader settings to feed it tiles of one slide at a time.
 
+    ``num_workers=None`` means what the machine has (:func:`~pathopeft.features.runtime.auto_workers`).
     With ``num_workers > 0`` the reading workers are started on the first slide and kept for the
     next ones (:class:`~pathopeft.features.dataset.TileLoaderPool`); :meth:`close` stops them (a
     failed slide also stops them: the next slide starts fresh ones). Use it as a context manager.
@@ -40,7 +42,7 @@ class FeatureExtractor:
         autocast: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
         precision: str = "32-true",
         batch_size: int = 64,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         resize_to: ResizeTo = "model",
     ) -> None:
         self.backbone = backbone
@@ -48,7 +50,9 @@ class FeatureExtractor:
         self.autocast = autocast or contextlib.nullcontext
         self.precision = precision
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        if num_workers is None:  # what the machine has (one device)
+            num_workers = auto_workers(1)
+        self.num_workers = int(num_workers)
         self.resize_to = resize_to
         self.channels_last = self.device.type == "cuda"
         if self.device.type == "cuda":

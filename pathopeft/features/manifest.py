@@ -4,12 +4,19 @@ The manifest is what a user (and ``pathopeft train``) reads to know which slides
 ``status`` is ``ok`` (coords, thumbnail and — unless ``--no-features`` — features written),
 ``empty`` (opened fine, no tissue tile; ``error`` says why) or ``error`` (one-line reason).
 
-During a run the manifest is kept up to date as slides finish (:class:`LiveManifest`), so a run
-that is interrupted (Ctrl-C, a killed job) leaves rows for every slide it finished: rank 0
-rewrites it atomically, at most every few seconds; other ranks append their rows to a hidden
-per-rank journal (``.manifest-rank<r>.jsonl``) that rank 0 merges in. At the end the rows
-gathered from all ranks are written and the journals removed; journals left by a killed run are
-merged by the next run.
+During a run the manifest is kept up to date as slides finish (:class:`LiveManifest`): every
+process (each rank of each run) appends each finished row at once to its own journal,
+``OUT/.pathopeft/journal-<host>-<pid>.jsonl``, and rank 0 folds the journals into
+``manifest.csv`` at most every few seconds. Every rewrite takes ``OUT/.pathopeft/manifest.lock``,
+re-reads the manifest on disk and merges the new journal lines into it (then writes a temporary
+file and renames it), so two runs into one folder never drop each other's rows. A journal whose
+writer is gone (see :mod:`pathopeft.features.runstate`) is merged and removed by the next process
+that rewrites the manifest: a SIGKILLed run's finished slides are listed by the next run even
+when its throttled rewrite never came, and without recomputing them.
+
+At the end of a multi-device run rank 0 waits — without a collective, so without a collective
+timeout — until every rank's journal ends with its ``done`` line (or that rank's process is gone),
+and takes the run's rows from the journals.
 """
 
 from __future__ import annotations
@@ -21,11 +28,12 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from pathopeft.features.runstate import RunState
 from pathopeft.files import atomic_write_text
 
 __all__ = [
@@ -118,110 +126,267 @@ def merge_records(earlier: Iterable[SlideRecord], current: Iterable[SlideRecord]
     return sorted(merged.values(), key=lambda r: r.slide_id)
 
 
-class LiveManifest:
-    """``manifest.csv`` kept current while slides finish, on one or many ranks (module docstring).
+@dataclass
+class _Journal:
+    """What this process has read of one journal file."""
 
-    Rank 0: :meth:`add` remembers the row and rewrites the manifest (earlier rows + other ranks'
-    journals + this run's rows) when ``min_interval`` seconds have passed since the last rewrite,
-    and at least ``cost_factor`` times the last rewrite's own duration (default 20: a cohort of
-    100k rows spends ≤ 5 % of its time rewriting). The first row is written at once.
-    :meth:`flush` rewrites now (the pipeline calls it when a run stops early); :meth:`finish`
-    writes the final manifest from every rank's rows and removes the journals. Other ranks:
-    :meth:`add` appends one JSON line to their journal and flushes it to the OS, so a killed
-    process loses nothing it finished.
+    offset: int = 0
+    header: dict[str, Any] | None = None
+    done: bool = False
+    records: list[SlideRecord] | None = None  # kept only for journals of this run
+
+
+class LiveManifest:
+    """``manifest.csv`` kept current while slides finish, by every process of every run (module
+    docstring).
+
+    :meth:`open` starts this process's journal; :meth:`add` appends a row to it at once and, on
+    rank 0, rewrites the manifest when ``min_interval`` seconds have passed since the last
+    rewrite and at least ``cost_factor`` times the last rewrite's own duration (default 20: a
+    cohort of 100k rows spends ≤ 5 % of its time rewriting); the first row is written at once.
+    :meth:`flush` rewrites now; :meth:`finish` ends the journal (``done``) and, on rank 0, waits
+    for the run's other ranks, writes the final manifest and returns the run's rows.
     """
 
     def __init__(
-        self, path: str | Path, *, rank: int = 0, min_interval: float = 2.0, cost_factor: float = 20.0
+        self,
+        path: str | Path,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        run_id: str = "",
+        leader: str = "",
+        state: RunState | None = None,
+        min_interval: float = 2.0,
+        cost_factor: float = 20.0,
+        poll_s: float = 1.0,
     ) -> None:
         self.path = Path(path)
         self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.state = state if state is not None else RunState(self.path.parent)
+        self.run_id = run_id or self.state.tag
+        self.leader = leader or self.state.tag  # rank 0's writer tag
         self.min_interval = float(min_interval)
         self.cost_factor = float(cost_factor)
-        self._rows: list[SlideRecord] = []
-        self._earlier: list[SlideRecord] = []
-        self._journal: io.TextIOWrapper | None = None
+        self.poll_s = float(poll_s)
+        self.journal = self.state.dir / f"journal-{self.state.tag}.jsonl"
+        self.records: list[SlideRecord] = []  # this process's rows
+        self._fh: io.TextIOWrapper | None = None
+        self._seen: dict[Path, _Journal] = {}
         self._last = -math.inf
         self._cost = 0.0
         self._dirty = False
         self.added = 0  # rows this process added in this run
 
-    def journal_path(self, rank: int) -> Path:
-        return self.path.with_name(f".{self.path.stem}-rank{rank}.jsonl")
+    # --- this process's journal ---------------------------------------------------------------
+    def open(self) -> None:
+        """Start the journal (every rank, before the others may wait for it)."""
+        if self._fh is not None:
+            return
+        self.state.dir.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.journal, "a", encoding="utf-8")  # noqa: SIM115
+        header = {"journal": 1, "run": self.run_id, "rank": self.rank, "world": self.world_size}
+        self._write({**header, "writer": self.state.tag, "leader": self.leader})
 
-    def _journals(self) -> list[Path]:
-        return sorted(self.path.parent.glob(f".{self.path.stem}-rank*.jsonl"))
+    def _write(self, obj: dict[str, Any]) -> None:
+        assert self._fh is not None
+        self._fh.write(json.dumps(obj) + "\n")
+        self._fh.flush()  # in the OS's hands: a SIGKILL loses nothing written so far
 
     def start(self) -> None:
-        """Rank 0, before other ranks write: fold journals of an interrupted run into the manifest."""
-        if self.rank != 0:
-            return
-        leftovers = self._journals()
-        self._earlier = merge_records(read_manifest(self.path), _read_journals(leftovers))
-        if leftovers:
-            write_manifest(self.path, self._earlier)
-            for journal in leftovers:
-                journal.unlink(missing_ok=True)
-            log.info("%s: merged rows of an interrupted run", self.path)
+        """Open the journal; rank 0 also folds in journals of runs that are gone."""
+        self.open()
+        if self.rank == 0:
+            self.flush(force=True)
+            self._last = -math.inf  # the run's first row is still written at once
 
     def add(self, rec: SlideRecord) -> None:
+        self.open()
         self.added += 1
+        self.records.append(rec)
+        self._write({"t": time.time(), "row": rec.row(), "reused": bool(rec.reused)})
         if self.rank != 0:
-            if self._journal is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._journal = open(self.journal_path(self.rank), "w", encoding="utf-8")  # noqa: SIM115
-            self._journal.write(json.dumps(rec.row()) + "\n")
-            self._journal.flush()
             return
-        self._rows.append(rec)
         self._dirty = True
         now = time.monotonic()
         if now - self._last >= max(self.min_interval, self.cost_factor * self._cost):
             self.flush()
 
-    def flush(self) -> None:
-        """Rank 0: rewrite the manifest now with everything finished so far (no-op elsewhere)."""
-        if self.rank != 0 or not (self._dirty or self._journals()):
+    # --- merging ------------------------------------------------------------------------------
+    def flush(self, *, force: bool = False) -> None:
+        """Rank 0: merge every journal's new lines into the manifest on disk now (no-op elsewhere)."""
+        if self.rank != 0 or not (self._dirty or force or self._journals_changed()):
             return
         start = time.monotonic()
-        others = _read_journals(self._journals())
-        write_manifest(self.path, merge_records(merge_records(self._earlier, others), self._rows))
+        with self.state.manifest_lock():
+            self._merge()
         self._last = time.monotonic()
         self._cost, self._dirty = self._last - start, False
 
-    def finish(self, records: Iterable[SlideRecord]) -> None:
-        """Rank 0, after every rank finished: the final manifest from all ranks' rows; journals go."""
+    def _journals(self) -> list[Path]:
+        return sorted(self.state.dir.glob("journal-*.jsonl"))
+
+    def _journals_changed(self) -> bool:
+        for path in self._journals():
+            seen = self._seen.get(path)
+            with contextlib.suppress(OSError):
+                if seen is None or path.stat().st_size != seen.offset:
+                    return True
+        return False
+
+    def _merge(self, *, remove_run: bool = False) -> None:
+        """Under the manifest lock: manifest on disk + new journal lines → manifest; journals whose
+        writers (and their run's rank 0) are gone are removed once merged (``remove_run``: this
+        run's too)."""
+        new: list[tuple[float, SlideRecord]] = []
+        removable = []
+        for path in self._journals():
+            seen = self._seen.setdefault(path, _Journal())
+            new += self._read(path, seen)
+            header = seen.header or {}
+            mine = header.get("run") == self.run_id and header.get("leader") == self.leader
+            if mine:
+                if remove_run:
+                    removable.append(path)
+            elif path != self.journal and self._abandoned(header):
+                removable.append(path)
+        if new or removable:
+            rows = {r.slide_id: r for r in read_manifest(self.path)}
+            for _, rec in sorted(new, key=lambda item: item[0]):
+                rows[rec.slide_id] = rec
+            write_manifest(self.path, rows.values())
+        for path in removable:
+            path.unlink(missing_ok=True)
+            if self._seen[path].records is None:  # this run's stay: their rows make the summary
+                del self._seen[path]
+
+    def _abandoned(self, header: dict[str, Any]) -> bool:
+        """A journal nobody will come back for: its writer is gone, and so is its run's rank 0."""
+        tags = {str(header.get("writer", "")), str(header.get("leader", ""))}
+        for tag in tags:
+            host, _, pid = tag.rpartition("-")
+            if not host or not pid.isdigit():
+                return True  # no header (torn at its first line): nothing to wait for
+            if self.state.writer_gone(host, int(pid)) is not True:
+                return False
+        return True
+
+    def _read(self, path: Path, seen: _Journal) -> list[tuple[float, SlideRecord]]:
+        """The complete lines after ``seen.offset`` (a torn last line waits for its newline)."""
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(seen.offset)
+                data = fh.read()
+        except OSError:
+            return []
+        end = data.rfind(b"\n") + 1
+        seen.offset += end
+        out = []
+        for line in data[:end].decode("utf-8", errors="replace").splitlines():
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            if "journal" in obj and seen.header is None:
+                seen.header = obj
+                if obj.get("run") == self.run_id and obj.get("leader") == self.leader:
+                    seen.records = []
+            elif obj.get("done"):
+                seen.done = True
+            elif isinstance(obj.get("row"), dict) and obj["row"].get("slide_id"):
+                rec = _record(obj["row"])
+                rec.reused = bool(obj.get("reused"))
+                out.append((float(obj.get("t") or 0.0), rec))
+                if seen.records is not None:
+                    seen.records.append(rec)
+        return out
+
+    # --- the end ------------------------------------------------------------------------------
+    def finish(self) -> list[SlideRecord]:
+        """End this process's part; rank 0: wait for every rank, write the final manifest, and
+        return the whole run's rows (other ranks: their own)."""
+        if self._fh is None and self.journal.exists():
+            self._fh = open(self.journal, "a", encoding="utf-8")  # noqa: SIM115
+        if self._fh is not None:
+            self._write({"done": True, "n": self.added})
+        self.close()
+        if self.rank != 0:
+            return list(self.records)
+        for _ in self._wait_for_ranks():
+            time.sleep(self.poll_s)
+        with self.state.manifest_lock():
+            self._merge(remove_run=True)
+        self._dirty = False
+        return self.run_records()
+
+    def _wait_for_ranks(self) -> Iterator[None]:
+        """Yield (the caller sleeps) until every other rank's journal is done or its writer gone."""
+        if self.world_size == 1:
+            return
+        waited = 0.0
+        warned: set[int] = set()
+        while True:
+            gone = self._gone_ranks()  # before reading: a gone writer's last lines are then all read
+            with self.state.manifest_lock():
+                self._merge()  # rows of ranks still working reach the manifest meanwhile
+            done = {rank for rank, seen in self._run_journals().items() if seen.done}
+            for rank in sorted(gone - done - warned):
+                log.warning("rank %d stopped before finishing; its finished slides are kept", rank)
+                warned.add(rank)
+            pending = sorted(set(range(1, self.world_size)) - done - gone)
+            if not pending:
+                return
+            if waited and waited % 60 < self.poll_s:
+                log.info("waiting for rank(s) %s to finish their slides", pending)
+            yield
+            waited += self.poll_s
+
+    def _run_journals(self) -> dict[int, _Journal]:
+        """This run's journals read so far, by rank."""
+        out = {}
+        for seen in self._seen.values():
+            header = seen.header or {}
+            if seen.records is not None and isinstance(header.get("rank"), int):
+                out[int(header["rank"])] = seen
+        return out
+
+    def _gone_ranks(self) -> set[int]:
+        gone = set()
+        for rank, seen in self._run_journals().items():
+            host, _, pid = str((seen.header or {}).get("writer", "")).rpartition("-")
+            if rank and not seen.done and pid.isdigit() and self.state.writer_gone(host, int(pid)) is True:
+                gone.add(rank)
+        return gone
+
+    def run_records(self) -> list[SlideRecord]:
+        """This run's rows from every rank's journal read so far (rank order)."""
+        parts = [
+            (int((seen.header or {}).get("rank", 0)), seen.records)
+            for seen in self._seen.values()
+            if seen.records is not None
+        ]
+        out = [rec for _, recs in sorted(parts, key=lambda p: p[0]) for rec in (recs or [])]
+        return out or list(self.records)
+
+    def abort(self) -> None:
+        """A run stopped early: its rows into the manifest now; the journal stays for the next run
+        only if that fails."""
         self.close()
         if self.rank != 0:
             return
-        write_manifest(self.path, merge_records(read_manifest(self.path), records))
-        for journal in self._journals():
-            journal.unlink(missing_ok=True)
-        self._dirty = False
+        with self.state.manifest_lock():
+            self._merge()
+            if self.world_size == 1:
+                self.journal.unlink(missing_ok=True)
 
     def close(self) -> None:
-        if self._journal is not None:
+        if self._fh is not None:
             with contextlib.suppress(OSError):
-                self._journal.close()
-            self._journal = None
-
-
-def _read_journals(paths: Iterable[Path]) -> list[SlideRecord]:
-    """Rows of rank journals; a torn last line (a process killed mid-write) is skipped."""
-    records = []
-    for path in paths:
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError):
-            continue
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and row.get("slide_id"):
-                records.append(_record(row))
-    return records
+                self._fh.close()
+            self._fh = None
 
 
 def _float(text: str | None) -> float | None:

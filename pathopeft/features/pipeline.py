@@ -1,16 +1,21 @@
 """``run_tile``: the whole ``pathopeft tile`` stage — discover, shard across ranks, process, manifest.
 
-One process per device (Lightning Fabric); rank ``r`` of ``W`` processes slides ``r::W`` and
-writes their outputs itself (atomically); rank 0 gathers every rank's manifest rows and writes
-``manifest.csv``, merged with the rows of earlier runs for slides this run did not touch. The
-outputs are the same whatever the number of devices.
+One process per device (plain torch for one, Lightning Fabric for several); rank ``r`` of ``W``
+processes slides ``r::W`` and writes their outputs itself (atomically); rank 0 merges every rank's
+rows (from their journals on disk, not a collective) into ``manifest.csv``, with the rows of
+earlier runs — and of other runs writing into the same folder at the same time — for slides this
+run did not touch. The outputs are the same whatever the number of devices.
+
+Several runs into one folder (:mod:`pathopeft.features.runstate`): a slide is worked on by one
+process at a time (a run skips slides another holds and comes back to them at the end, when they
+are usually complete and reused); partial files are removed only when their writer is gone.
 
 Interruptions: ``manifest.csv`` is kept up to date while slides finish
 (:class:`~pathopeft.features.manifest.LiveManifest`), so a run stopped by Ctrl-C, SIGTERM (a
 cancelled or pre-empted job; turned into ``KeyboardInterrupt`` here so that clean-up runs) or
-even SIGKILL leaves rows for the slides it finished and no temporary files (SIGKILL can leave
-some; the next run removes them). The rerun skips those slides (complete, fingerprinted outputs)
-and redoes the one that was cut off.
+even SIGKILL leaves rows for the slides it finished (SIGKILL: in its journal, which the next run
+merges) and no temporary files (SIGKILL can leave some; the next run removes them). The rerun
+skips those slides (complete, fingerprinted outputs) and redoes the one that was cut off.
 """
 
 from __future__ import annotations
@@ -21,23 +26,24 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tqdm.auto import tqdm
 
 from pathopeft.config import ConfigError
 from pathopeft.config.tile import TileConfig
-from pathopeft.features.backbones import Backbone, backbone_dirname, build_backbone
-from pathopeft.features.extract import FeatureExtractor
 from pathopeft.features.manifest import LiveManifest, SlideRecord
-from pathopeft.features.processor import OutputLayout, SlideProcessor
-from pathopeft.features.runtime import Runtime
-from pathopeft.files import remove_stale_partials
+from pathopeft.features.processor import OutputLayout, SlideProcessor, safe_slide_id
+from pathopeft.features.runstate import RunState
+from pathopeft.features.runtime import Runtime, auto_workers, make_runtime
+
+if TYPE_CHECKING:  # torch, timm and the encoder are imported only when features are computed
+    from pathopeft.features.backbones import Backbone
 
 __all__ = ["TileSummary", "run_tile"]
 
@@ -99,45 +105,86 @@ def _run_tile(inputs: Sequence[str | Path], config: TileConfig) -> TileSummary:
     start = time.perf_counter()
     run = config.run
     # usage problems (devices, inputs) and the encoder fail fast, before any process is spawned
-    runtime = Runtime(run.accelerator, run.devices, run.num_nodes, run.strategy, run.precision)
+    runtime = make_runtime(
+        run.accelerator, run.devices, run.num_nodes, run.strategy, run.precision,
+        device_needed=config.features.enabled,
+    )  # fmt: skip
     sources = discover(inputs)
     backbone = _build_backbone(config) if config.features.enabled else None
     runtime.launch()
     if runtime.world_size > 1 and runtime.device.type == "cpu":
+        import torch
+
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // run.devices))
 
-    name = config.features.name or backbone_dirname(config.features.backbone)
-    layout = OutputLayout(Path(config.output.dir), name if backbone is not None else None)
-    manifest = LiveManifest(layout.manifest, rank=runtime.rank)
-    if runtime.is_zero:
-        layout.root.mkdir(parents=True, exist_ok=True)
-        removed = remove_stale_partials(layout.root)
-        if removed:
-            log.info("removed %d partial file(s) left by an interrupted run in %s", removed, layout.root)
-        manifest.start()
-    runtime.barrier("tile-setup")
+    name = None
+    if backbone is not None:
+        from pathopeft.features.backbones import backbone_dirname
 
+        name = config.features.name or backbone_dirname(config.features.backbone)
+    layout = OutputLayout(Path(config.output.dir), name)
+    with RunState(layout.root) as state:
+        # one collective, at the start (every rank arrives within seconds): the run's identity
+        run_id, leader = runtime.broadcast((uuid.uuid4().hex[:12], state.tag))
+        manifest = LiveManifest(
+            layout.manifest, rank=runtime.rank, world_size=runtime.world_size, run_id=run_id,
+            leader=leader, state=state,
+        )  # fmt: skip
+        manifest.open()
+        if runtime.is_zero:
+            removed = state.remove_stale_partials()
+            if removed:
+                log.info("removed %d partial file(s) left by a stopped run in %s", removed, layout.root)
+            manifest.start()
+        runtime.barrier("tile-setup")
+        mine = runtime.shard(sources)
+        records = _run_shard(config, layout, backbone, runtime, state, manifest, mine)
+        # no collective at the end: rank 0 waits for the ranks' journals on disk, however long
+        gathered = manifest.finish()
+    order = {s.slide_id: i for i, s in enumerate(sources)}
+    gathered = gathered if runtime.is_zero else records
+    gathered.sort(key=lambda r: order.get(r.slide_id, len(order)))
+    return TileSummary(gathered, time.perf_counter() - start, layout.root, runtime.world_size, runtime.rank)
+
+
+def _run_shard(
+    config: TileConfig,
+    layout: OutputLayout,
+    backbone: Backbone | None,
+    runtime: Runtime,
+    state: RunState,
+    manifest: LiveManifest,
+    mine: list[Any],
+) -> list[SlideRecord]:
+    """This rank's slides, each under its claim; stopped early, the finished rows are kept."""
     extractor = None
     if backbone is not None:
+        from pathopeft.features.extract import FeatureExtractor
+
+        workers = config.features.num_workers
+        if workers is None:
+            workers = auto_workers(config.run.devices)
+            log.info("reading tiles with %d worker process(es) per device (features.num_workers)", workers)
         extractor = FeatureExtractor(
             backbone,
             device=runtime.device,
             autocast=runtime.autocast,
             precision=runtime.precision,
             batch_size=config.features.batch_size,
-            num_workers=config.features.num_workers,
+            num_workers=workers,
             resize_to=config.features.resize_to,
         )
     processor = SlideProcessor(config, layout, extractor)
-    mine = runtime.shard(sources)
     show = config.output.progress and runtime.is_zero
     try:
-        records = _process_all(processor, mine, show=show, rank=runtime, on_record=manifest.add)
+        return _process_all(
+            processor, mine, show=show, rank=runtime, on_record=manifest.add, claim=state.claim
+        )
     except BaseException as exc:
         # stopped early (Ctrl-C, SIGTERM, a bug): keep the rows of the finished slides; a failing
-        # flush (disk full) must not hide why the run stopped
+        # merge (disk full) must not hide why the run stopped
         with contextlib.suppress(Exception):
-            manifest.flush()
+            manifest.abort()
         if isinstance(exc, KeyboardInterrupt):
             log.warning(
                 "interrupted%s after %d of %d slide(s); the finished ones are in %s. "
@@ -152,13 +199,6 @@ def _run_tile(inputs: Sequence[str | Path], config: TileConfig) -> TileSummary:
         manifest.close()
         if extractor is not None:
             extractor.close()  # stop the tile-reading workers
-
-    gathered = [rec for part in runtime.gather(records) for rec in part]
-    order = {s.slide_id: i for i, s in enumerate(sources)}
-    gathered.sort(key=lambda r: order.get(r.slide_id, len(order)))
-    manifest.finish(gathered)
-    runtime.barrier("tile-manifest")
-    return TileSummary(gathered, time.perf_counter() - start, layout.root, runtime.world_size, runtime.rank)
 
 
 def discover(inputs: Sequence[str | Path]) -> list[Any]:
@@ -179,6 +219,8 @@ def discover(inputs: Sequence[str | Path]) -> list[Any]:
 
 
 def _build_backbone(config: TileConfig) -> Backbone:
+    from pathopeft.features.backbones import build_backbone
+
     f = config.features
     return build_backbone(
         f.backbone, pretrained=f.pretrained, weights=f.weights, seed=f.seed, model_kwargs=f.model_kwargs,
@@ -193,9 +235,11 @@ def _process_all(
     show: bool,
     rank: Runtime,
     on_record: Callable[[SlideRecord], None] | None = None,
+    claim: Callable[..., contextlib.AbstractContextManager[bool]] | None = None,
 ) -> list[SlideRecord]:
     """Process this rank's slides under a progress bar (tiles/s in the postfix); ``on_record`` sees
-    each slide's row as soon as it is finished."""
+    each slide's row as soon as it is finished. With ``claim`` (:meth:`RunState.claim`) a slide
+    another process holds is skipped and done at the end, after that process lets go of it."""
     desc = "tile" if rank.world_size == 1 else f"tile [rank 0/{rank.world_size}]"
     bar = tqdm(total=len(sources), desc=desc, unit="slide", disable=not show, dynamic_ncols=True)
     started = time.perf_counter()
@@ -212,22 +256,38 @@ def _process_all(
             last_refresh = now
         bar.set_postfix(_postfix(tiles, started, status), refresh=refresh)
 
-    records = []
+    def one(source: Any) -> SlideRecord:
+        nonlocal tiles
+        bar.set_description_str(f"{desc} {source.slide_id}"[:60], refresh=False)
+        rec = processor.process(source, on_tiles=on_tiles)
+        if processor.extractor is None and not rec.reused:
+            tiles += rec.n_tiles  # tiling only: tiles gridded per second
+        status[rec.status] += 1
+        if on_record is not None:
+            on_record(rec)
+        bar.set_postfix(_postfix(tiles, started, status), refresh=False)
+        bar.update(1)
+        return rec
+
+    done: dict[str, SlideRecord] = {}
+    held: list[Any] = []  # slides another process is working on: done last, once it lets go
     try:
         for source in sources:
-            bar.set_description_str(f"{desc} {source.slide_id}"[:60], refresh=False)
-            rec = processor.process(source, on_tiles=on_tiles)
-            if processor.extractor is None and not rec.reused:
-                tiles += rec.n_tiles  # tiling only: tiles gridded per second
-            status[rec.status] += 1
-            records.append(rec)
-            if on_record is not None:
-                on_record(rec)
-            bar.set_postfix(_postfix(tiles, started, status), refresh=False)
-            bar.update(1)
+            if claim is None or not safe_slide_id(source.slide_id):
+                done[source.slide_id] = one(source)
+                continue
+            with claim(source.slide_id, wait=False) as mine:
+                if mine:
+                    done[source.slide_id] = one(source)
+                else:
+                    held.append(source)
+        for source in held:
+            log.info("%s: another run is working on it; waiting for it", source.slide_id)
+            with claim(source.slide_id, wait=True):
+                done[source.slide_id] = one(source)  # usually complete by now: reused
     finally:
         bar.close()
-    return records
+    return [done[s.slide_id] for s in sources if s.slide_id in done]
 
 
 def _postfix(tiles: int, started: float, status: Counter[str]) -> dict[str, str]:

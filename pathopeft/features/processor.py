@@ -18,20 +18,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 
 from pathopeft import __version__
 from pathopeft.bags import FeatureBag, write_bag
 from pathopeft.config.tile import TileConfig
-from pathopeft.features.extract import FeatureExtractor
 from pathopeft.features.fingerprint import features_fingerprint, source_size, tiling_fingerprint
 from pathopeft.features.manifest import SlideRecord
 from pathopeft.wsi import open_slide
 from pathopeft.wsi.slide import Slide, one_line
 
-__all__ = ["OutputLayout", "SlideProcessor"]
+if TYPE_CHECKING:
+    from pathopeft.features.extract import FeatureExtractor
+
+__all__ = ["OutputLayout", "SlideProcessor", "safe_slide_id"]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ class SlideProcessor:
         """Process one ``SlideSource`` (path, slide_id, mpp); the record says how it went."""
         start = time.perf_counter()
         rec = SlideRecord(slide_id=source.slide_id, path=str(source.path))
-        if not _safe_id(source.slide_id):
+        if not safe_slide_id(source.slide_id):
             rec.error = f"slide_id {source.slide_id!r} is not a plain file name (outputs are named by it)"
             log.warning("%s: error: %s", source.slide_id, rec.error)
             return rec
@@ -256,7 +258,7 @@ class SlideProcessor:
                 path.unlink(missing_ok=True)
 
 
-def _safe_id(slide_id: str) -> bool:
+def safe_slide_id(slide_id: str) -> bool:
     """Outputs are ``<dir>/<slide_id>.h5``: an id must not climb out of, or into, folders."""
     return bool(slide_id) and slide_id not in {".", ".."} and not any(c in slide_id for c in "/\\\0")
 
