@@ -197,8 +197,9 @@ class BPPLConfig(StrictModel):
     """Bag-prototype pseudo-labelling (METHODS.md, CoMEL); used by every model when enabled.
 
     ``preset: published`` is the authors' continual-code setting exactly (T = 1, raw cosines, both
-    labels kept, τ₁ = 0.95); it refuses other values for those keys. Unset keys default to that
-    setting too, until ``benchmarks/bench_bppl.py`` supports another (``benchmarks/RESULTS.md``).
+    labels kept, τ₁ = 0.95); it refuses other values for those keys. Unset keys take the shipped
+    defaults, chosen by ``benchmarks/bench_bppl.py`` (``benchmarks/RESULTS.md``): T = 0.1, no
+    centring, both labels (the published T = 1 keeps almost no pseudo-label).
     """
 
     enabled: bool = True
@@ -207,11 +208,11 @@ class BPPLConfig(StrictModel):
     temperature: float | None = Field(
         None,
         gt=0,
-        description="softmax temperature over the two prototype cosines; null = 1.0 (published)",
+        description="softmax temperature over the two prototype cosines; null = 0.1 (shipped; published: 1.0)",
     )
     center: bool | None = Field(
         None,
-        description="subtract the prototypes' midpoint before the cosines; null = false (published)",
+        description="subtract the prototypes' midpoint before the cosines; null = false",
     )
     keep: Literal["both", "positive"] | None = Field(
         None,
