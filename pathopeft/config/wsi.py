@@ -105,3 +105,15 @@ class SynthConfig(StrictModel):
     levels: int | None = Field(None, ge=1)  # pyramid levels; null = halve until < one tile
     quality: int = Field(80, ge=1, le=100)  # JPEG quality
     modality: Literal["brightfield", "fluorescence", "blank"] = "brightfield"
+    # Lesion look: "dense" (crowded, large, dark nuclei) or "vesicular" (few, very large, pale
+    # nuclei on paler stroma): two tasks with different lesion types.
+    lesion: Literal["dense", "vesicular"] = "dense"
+    # Names written to labels.csv for slides without and with lesions (negative class first).
+    classes: tuple[str, str] = ("normal", "tumor")
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_classes(cls, value: tuple[str, str]) -> tuple[str, str]:
+        if not all(name.strip() for name in value) or value[0].lower() == value[1].lower():
+            raise ValueError("classes must be two distinct, non-empty names, e.g. [normal, tumor]")
+        return value
