@@ -233,3 +233,15 @@ def test_readme_adapter_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyP
         exec(compile(block, str(README), "exec"), {"__name__": "readme"})
     assert (tmp_path / "adapter_out" / "adapter_config.json").is_file()
     assert (tmp_path / "adapter_out" / "adapter_model.safetensors").is_file()
+
+
+def test_dry_run_does_no_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    shutil.copytree(REPO / "pipelines", tmp_path / "pipelines")
+    monkeypatch.chdir(tmp_path)
+    out = _invoke(["train", "configs/camelyon_comel.yaml", "--set", "trainer.max_epochs=3", "--dry-run"])
+    assert "max_epochs: 3" in out  # the resolved config is printed
+    out = _invoke(["train", "pipelines/synthetic_3task.yaml", "--dry-run"])
+    assert "task 3: colon" in out  # every task of a pipeline is resolved
+    _invoke(["segment", "compare", "configs/seg_compare.yaml", "--dry-run"])
+    assert not (tmp_path / "runs").exists()
