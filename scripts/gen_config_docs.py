@@ -161,7 +161,7 @@ def _default(field: FieldInfo) -> str:
         return "(section)"
     if isinstance(value, tuple):
         value = list(value)
-    text = json.dumps(value, ensure_ascii=False, default=str)
+    text = json.dumps(value, ensure_ascii=False, default=str).replace("|", "\\|")  # GFM table cell
     return f"`{text}`"
 
 

@@ -73,3 +73,13 @@ def test_check_mode_fails_on_a_stale_file(tmp_path: Path) -> None:
     assert gen.main(["--check", "--out", str(stale)]) == 1
     stale.write_text(gen.render(), encoding="utf-8")
     assert gen.main(["--check", "--out", str(stale)]) == 0
+
+
+def test_every_table_row_has_four_cells() -> None:
+    """A '|' in a default (a regex) or a meaning must not split the Markdown table row."""
+    import re
+
+    rows = [line for line in _generator().render().splitlines() if line.startswith("| `")]
+    assert rows
+    for line in rows:
+        assert len(re.split(r"(?<!\\)\|", line.strip())[1:-1]) == 4, line
