@@ -246,3 +246,15 @@ def test_dry_run_does_no_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert "task 3: colon" in out  # every task of a pipeline is resolved
     _invoke(["segment", "compare", "configs/seg_compare.yaml", "--dry-run"])
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_add_task_dry_run_checks_the_request_against_the_checkpoint(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(workspace)
+    ckpt = "runs/comel_camelyon16/best.ckpt"  # holds the task camelyon16 (classes normal, tumor)
+    before = sorted(p.name for p in (workspace / "runs").iterdir())
+    result = CliRunner().invoke(main, ["add-task", ckpt, "configs/camelyon_comel.yaml", "--dry-run"])
+    assert result.exit_code == 2 and "already has a task of that name" in result.output
+    assert sorted(p.name for p in (workspace / "runs").iterdir()) == before  # nothing written
