@@ -142,8 +142,13 @@ def test_demo_refuses_a_folder_made_with_other_settings(demo_runs: dict) -> None
 
 
 def test_demo_failed_stage_names_command_and_log(tmp_path: Path) -> None:
-    settings = DemoSettings(n_slides=4, size=1024, backbone="no_such_backbone_xyz")
+    settings = DemoSettings(n_slides=6, size=1024, backbone="no_such_backbone_xyz")
     with pytest.raises(DemoError, match=r"pathopeft tile .*no_such_backbone_xyz.*logs/tile\.log"):
         run_demo(tmp_path, settings, echo=lambda _line: None)
     assert (tmp_path / ".demo" / "synth.done").is_file()
     assert not (tmp_path / ".demo" / "tile.done").exists()  # the failed stage is redone next time
+
+
+def test_demo_settings_too_small_for_the_splits_are_refused() -> None:
+    with pytest.raises(DemoError, match="at least 6 slides"):
+        DemoSettings(n_slides=4)

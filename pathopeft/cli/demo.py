@@ -22,7 +22,7 @@ __all__ = ["demo"]
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same numbers.")
 @click.option(
-    "--n-slides", type=click.IntRange(min=4), default=12, show_default=True, help="Slides per task."
+    "--n-slides", type=click.IntRange(min=6), default=12, show_default=True, help="Slides per task."
 )
 @click.option(
     "--size", type=click.IntRange(min=1024), default=4096, show_default=True, help="Slide side in pixels."
@@ -42,8 +42,8 @@ def demo(out: Path, seed: int, n_slides: int, size: int, epochs: int, backbone: 
     OUT: synth, tile, manifest, train (CoMEL, task 1), add-task (OWLoRA, task 2), heatmap (both
     tasks), segment train/predict. Prints a line per stage and a table (bag and instance AUC per
     task, backward transfer, where the heatmaps, GeoJSON, TIFF and plots are); writes
-    OUT/demo_summary.json. A rerun skips finished stages. The defaults take a few minutes on 2 CPU
-    cores; --n-slides/--size/--epochs make it smaller or larger.
+    OUT/demo_summary.json. A rerun skips finished stages. The defaults cost about 4 minutes of CPU
+    time (benchmarks/bench_demo.py); --n-slides/--size/--epochs make it smaller or larger.
 
     \b
     Examples:

@@ -64,6 +64,13 @@ class DemoSettings:
     seg_images: int = 24  # synthetic segmentation images (64 × 64)
     seg_epochs: int = 6
 
+    def __post_init__(self) -> None:
+        # 6 slides per task is the least that gives every split (train/val/test) both classes
+        if self.n_slides < 6:
+            raise DemoError(f"n_slides={self.n_slides}: the demo needs at least 6 slides per task")
+        if self.size < 1024 or self.epochs < 1 or self.seg_images < 8 or self.seg_epochs < 1:
+            raise DemoError("size >= 1024, epochs >= 1, seg_images >= 8 and seg_epochs >= 1 are needed")
+
     def describe(self) -> dict[str, Any]:
         return asdict(self)
 
