@@ -1,4 +1,4 @@
-"""The quickstart notebook runs from top to bottom (it is documentation users will try first)."""
+"""The quickstart notebook runs from top to bottom on a demo folder (documentation users try first)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,28 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from tests._demo_cohort import tiny_demo
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
 
 
 @pytest.mark.slow
-def test_quickstart_notebook_executes(tmp_path: Path) -> None:
+def test_quickstart_notebook_executes_on_the_demo(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    demo = tiny_demo(tmp_path_factory)
+    monkeypatch.setenv("PATHOPEFT_DEMO", str(demo))  # the kernel inherits this process's environment
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    resources = {"metadata": {"path": str(tmp_path)}}  # the notebook's working folder
-    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources=resources)
+    client = NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()
-    errors = [o for cell in nb.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"]
-    assert not errors
-    run_dir = tmp_path / "quickstart_out" / "runs" / "quickstart"
-    assert (run_dir / "test_metrics.json").is_file()
-    assert (run_dir / "plots" / "learning_curves.png").is_file()
+    outputs = [o for cell in nb.cells for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    figures = [
+        o for o in outputs if o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
+    ]
+    assert len(figures) == 4  # slide + heatmap, result matrix, learning curves, segmentation
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "backward transfer" in text and "segmentation test metrics" in text
+    assert not (tmp_path / "demo").exists()  # it used the given demo, it did not run a new one

@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "tasks": "pathopeft.cli.tasks:tasks",
     "heatmap": "pathopeft.cli.heatmap:heatmap",
     "view": "pathopeft.cli.view:view",
+    "demo": "pathopeft.cli.demo:demo",
 }
 
 

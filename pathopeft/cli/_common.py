@@ -14,7 +14,15 @@ from pydantic import BaseModel
 
 from pathopeft.config import ConfigError, load_config
 
-__all__ = ["EXIT_FAILED", "EXIT_USAGE", "handle_errors", "load_or_exit", "set_option"]
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_USAGE",
+    "dry_run_option",
+    "handle_errors",
+    "load_or_exit",
+    "report_dry_run",
+    "set_option",
+]
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -29,6 +37,22 @@ set_option = click.option(
     metavar="KEY=VALUE",
     help="Override a config key (dotted path, YAML-typed value); repeatable.",
 )
+
+dry_run_option = click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Check the arguments and the config (every key validated), print the resolved config, do no work.",
+)
+
+
+def report_dry_run(config: BaseModel, *notes: str) -> None:
+    """What ``--dry-run`` prints: the resolved, validated config as YAML, then any notes."""
+    import yaml
+
+    click.echo(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), nl=False)
+    for note in notes:
+        click.echo(note)
+    click.echo("dry run: arguments and config are valid; nothing was run")
 
 
 def load_or_exit(

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import click
 
-from pathopeft.cli._common import EXIT_FAILED, EXIT_USAGE, handle_errors, load_or_exit, set_option
+from pathopeft.cli._common import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    dry_run_option,
+    handle_errors,
+    load_or_exit,
+    report_dry_run,
+    set_option,
+)
 from pathopeft.config import ConfigError, validate
 from pathopeft.config.heatmap import FORMATS, HeatmapConfig
 
@@ -32,6 +40,7 @@ from pathopeft.config.heatmap import FORMATS, HeatmapConfig
 @click.option("--overwrite", is_flag=True, default=False, help="Redo slides whose outputs exist.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @set_option
+@dry_run_option
 @handle_errors
 def heatmap(
     checkpoint: Path,
@@ -49,6 +58,7 @@ def heatmap(
     overwrite: bool,
     config_path: Path | None,
     overrides: tuple[str, ...],
+    dry_run: bool,
 ) -> None:
     """Write OUT/manifest.csv and per slide <id>.{json,csv,geojson,png,tiff} (HEATMAP_CONTRACT.md).
 
@@ -77,6 +87,9 @@ def heatmap(
         except ConfigError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_USAGE)
+    if dry_run:
+        report_dry_run(cfg)
+        return
     from pathopeft.heatmaps.processor import run_heatmaps
 
     def report(row: dict[str, object]) -> None:

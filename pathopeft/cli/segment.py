@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from pathopeft.cli._common import handle_errors, load_or_exit, set_option
+from pathopeft.cli._common import dry_run_option, handle_errors, load_or_exit, report_dry_run, set_option
 
 __all__ = ["segment"]
 
@@ -41,13 +41,18 @@ def segment() -> None:
 @segment.command("train")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @set_option
+@dry_run_option
 @handle_errors
-def train(config: Path, overrides: tuple[str, ...]) -> None:
+def train(config: Path, overrides: tuple[str, ...], dry_run: bool) -> None:
     """Train on the images/masks in CONFIG's data section; writes runs/<name>/."""
     from pathopeft.config.segment import SegmentTrainConfig
-    from pathopeft.seg.train import describe_trainable, train_segmentation
 
     cfg = load_or_exit(SegmentTrainConfig, config, overrides)
+    if dry_run:
+        report_dry_run(cfg)
+        return
+    from pathopeft.seg.train import describe_trainable, train_segmentation
+
     _log_to_stderr()
     summary = train_segmentation(cfg)
     if _is_global_zero():
@@ -94,13 +99,18 @@ def predict(
 @segment.command("compare")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @set_option
+@dry_run_option
 @handle_errors
-def compare(config: Path, overrides: tuple[str, ...]) -> None:
+def compare(config: Path, overrides: tuple[str, ...], dry_run: bool) -> None:
     """Train every setting of CONFIG at each learning rate; table at the best validation lr."""
     from pathopeft.config.segment import SegmentCompareConfig
-    from pathopeft.seg.compare import compare_settings
 
     cfg = load_or_exit(SegmentCompareConfig, config, overrides)
+    if dry_run:
+        report_dry_run(cfg, "settings: " + ", ".join(s.name for s in cfg.compare.settings))
+        return
+    from pathopeft.seg.compare import compare_settings
+
     _log_to_stderr()
     result = compare_settings(cfg)
     click.echo(result.markdown)

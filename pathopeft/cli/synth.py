@@ -32,6 +32,18 @@ from pathopeft.config.wsi import SynthConfig
     help="brightfield H&E-like (default), fluorescence (dark background) or blank (glass only).",
 )
 @click.option(
+    "--lesion",
+    type=click.Choice(["dense", "vesicular"]),
+    default=None,
+    help="Lesion look: dense (crowded dark nuclei, default) or vesicular (few large pale nuclei).",
+)
+@click.option(
+    "--classes",
+    default=None,
+    metavar="NORMAL,TUMOR",
+    help="Class names written to labels.csv (default normal,tumor), e.g. liver_normal,liver_tumor.",
+)
+@click.option(
     "--feature-tasks",
     default=None,
     metavar="NAMES",
@@ -59,12 +71,16 @@ def synth(out: Path, config_path: Path | None, overrides: tuple[str, ...], **fla
 
     size = flags.pop("size")
     no_mpp = flags.pop("no_mpp")
+    classes = flags.pop("classes")
     if size is not None:
         flags["width"] = flags["width"] or size
         flags["height"] = flags["height"] or size
     sets = [f"{key}={value}" for key, value in flags.items() if value is not None]
     if no_mpp:
         sets.append("mpp=null")
+    if classes:
+        names = [c.strip() for c in str(classes).split(",")]
+        sets.append("classes=[" + ",".join(names) + "]")
     cfg = load_or_exit(SynthConfig, config_path, [*sets, *overrides])
     infos = make_synthetic_cohort(out, cfg)
     n_tumor = sum(info.label == "tumor" for info in infos)

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from pathopeft.cli._common import handle_errors, load_or_exit, set_option
+from pathopeft.cli._common import dry_run_option, handle_errors, load_or_exit, report_dry_run, set_option
 
 __all__ = ["tile"]
 
@@ -102,6 +102,7 @@ def _setup_logging(level: int) -> None:
 @click.option("--strict", is_flag=True, help="Exit 1 if any slide fails (default: only if all fail).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and the summary.")
+@dry_run_option
 @handle_errors
 def tile(
     slides: tuple[str, ...],
@@ -113,6 +114,7 @@ def tile(
     strict: bool,
     no_progress: bool,
     quiet: bool,
+    dry_run: bool,
     **flags: Any,
 ) -> None:
     """Tile whole-slide images and encode the tiles into feature bags.
@@ -143,6 +145,11 @@ def tile(
         if value is not None:
             _set(data, key, value)
     config = validate(TileConfig, data, "command-line flags")
+    if dry_run:
+        from pathopeft.features.pipeline import discover
+
+        report_dry_run(config, f"{len(discover(list(slides)))} slide file(s) found in {', '.join(slides)}")
+        return
 
     summary = run_tile(list(slides), config)
     if summary.rank == 0:

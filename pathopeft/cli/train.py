@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pathopeft.cli._common import handle_errors, load_or_exit, set_option
+from pathopeft.cli._common import dry_run_option, handle_errors, load_or_exit, report_dry_run, set_option
 from pathopeft.config.train import TrainConfig
 
 
@@ -16,8 +16,9 @@ from pathopeft.config.train import TrainConfig
 @click.option(
     "--resume", is_flag=True, help="Continue an interrupted run (last.ckpt) or pipeline (last complete task)."
 )
+@dry_run_option
 @handle_errors
-def train(config: Path, overrides: tuple[str, ...], resume: bool) -> None:
+def train(config: Path, overrides: tuple[str, ...], resume: bool, dry_run: bool) -> None:
     """Train the MIL model of CONFIG; writes runs/<run.name>/ (checkpoints, metrics, predictions).
 
     A file with a top-level `tasks:` list is a continual pipeline: task 1 is trained, the others
@@ -38,12 +39,27 @@ def train(config: Path, overrides: tuple[str, ...], resume: bool) -> None:
     if config.is_file() and is_pipeline(config):
         from pathopeft.mil.continual.pipeline import run_pipeline
 
+        if dry_run:
+            from pathopeft.mil.continual.pipeline import PipelineConfig, task_configs
+
+            pipeline = load_or_exit(PipelineConfig, config, overrides)
+            out = Path(pipeline.run.root) / pipeline.run.name
+            tasks = task_configs(pipeline, config, out)  # every task's config, resolved and checked
+            report_dry_run(
+                pipeline,
+                *(f"task {i + 1}: {c.data.task} {list(c.data.classes)}" for i, c in enumerate(tasks)),
+            )
+            return
+
         out = run_pipeline(config, overrides, resume=resume)
         click.echo(f"pipeline written to {out} (results: {out / 'results' / 'summary.md'})")
         return
     from pathopeft.mil.train import train as run_training
 
     cfg = load_or_exit(TrainConfig, config, overrides)
+    if dry_run:
+        report_dry_run(cfg)
+        return
     run_dir = run_training(cfg, resume=resume)
     if rank_zero_only.rank == 0:
         click.echo(f"run written to {run_dir} (test metrics: {run_dir / 'test_metrics.json'})")

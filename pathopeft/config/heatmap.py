@@ -37,7 +37,9 @@ class OverlayConfig(StrictModel):
 class TiffConfig(StrictModel):
     """The pyramidal RGB heatmap TIFF (streamed tile by tile: never a level-0 array)."""
 
+    # TIFF tile size in pixels (a multiple of 16).
     tile: int = Field(512, ge=16, multiple_of=16)
+    # Tile compression of the RGB TIFF.
     compression: Literal["jpeg", "deflate", "none"] = "jpeg"
     quality: int = Field(90, ge=1, le=100)  # JPEG quality
     nodata_rgb: tuple[int, int, int] = (255, 255, 255)  # where no tile was scored (white glass)
@@ -49,6 +51,7 @@ class FrocConfig(StrictModel):
 
     # Detections: tiles whose shown score is a local maximum within ``nms_radius_um`` and ≥ min_score.
     nms_radius_um: float = Field(200.0, ge=0)
+    # Detections below this shown score are dropped.
     min_score: float = Field(0.0, ge=0, le=1)
     max_detections: int = Field(1000, ge=1)  # per slide, highest first
     eval_level: int = Field(5, ge=0)  # evaluation mask at level-0 / 2**eval_level
@@ -63,14 +66,19 @@ class HeatmapConfig(StrictModel):
 
     task: str | None = None  # a task of the checkpoint; null = its last (the newest) task
     class_name: str | None = None  # class shown; null = the task's last class (e.g. tumor)
+    # attention: the pooling's attention per tile; probability: the bag head applied to each tile's
+    # embedding.
     score: Literal["attention", "probability"] = "attention"
+    # Scale of the shown score within a slide: none (raw, clipped to 0-1), minmax (0-1) or rank (0 = lowest).
     normalize: Literal["none", "minmax", "rank"] = "minmax"
     # bag_probability: the shown value is the normalised score × the bag probability of the class,
     # so a slide the model calls negative never paints confident tiles; none: the normalised score.
     gate: Literal["bag_probability", "none"] = "bag_probability"
     threshold: float = Field(0.5, ge=0, le=1)  # region threshold on the shown scale
+    # matplotlib colormap of the PNG, TIFF and viewer.
     colormap: str = "jet"
     smooth_um: float = Field(0.0, ge=0)  # Gaussian sigma in µm over the score raster (0 = off)
+    # Files written per slide: geojson, png, csv, tiff, ome_tiff (the JSON score contract always).
     formats: list[Format] = Field(default_factory=lambda: ["geojson", "png", "csv", "tiff"])
     geojson_gzip: bool = False  # write <slide>.geojson.gz (for slides with ~10^5 tiles)
     min_region_tiles: int = Field(1, ge=1)  # drop regions covering fewer score cells than this

@@ -71,7 +71,9 @@ class SegDataConfig(StrictModel):
     root: str | None = None
     # Or a CSV with columns image, mask[, split] (paths relative to the CSV); overrides ``root``.
     csv: str | None = None
+    # Subfolder of root holding the images.
     images_dir: str = "images"
+    # Subfolder of root holding the masks (same file stems as the images).
     masks_dir: str = "masks"
     # Mask file stem = image stem + this suffix (e.g. "_mask" for a.png ↔ a_mask.png).
     mask_suffix: str = ""
@@ -84,6 +86,7 @@ class SegDataConfig(StrictModel):
     # Seeded split used when no split column is given. Val picks the checkpoint and the learning
     # rate; test is never used for a choice.
     val_fraction: float = Field(0.2, gt=0, lt=1)
+    # Share of images held out for the final test (seeded split, by group when given).
     test_fraction: float = Field(0.2, gt=0, lt=1)
     split_seed: int | None = None  # None: the run's seed
     # tile: train on random crops of model.img_size, evaluate/predict by sliding window (full
@@ -97,7 +100,9 @@ class SegDataConfig(StrictModel):
     # Random crops drawn from each training image per epoch (tile mode): small sets of large
     # images would otherwise give a handful of steps per epoch.
     samples_per_image: int = Field(4, ge=1)
+    # Crops (tile mode) or images (resize mode) per training step.
     batch_size: int = Field(4, ge=1)
+    # DataLoader worker processes.
     num_workers: int = Field(2, ge=0)
     augment: SegAugmentConfig = SegAugmentConfig()
 
@@ -147,6 +152,8 @@ class SegModelConfig(StrictModel):
 class SegAdapterConfig(StrictModel):
     """How the encoder is tuned: a PEFT adapter, frozen (decoder only), or full fine-tuning."""
 
+    # adapter: train a PEFT adapter (method, targets, options); frozen: decoder only; full: fine-tune the
+    # whole encoder.
     mode: Literal["adapter", "frozen", "full"] = "adapter"
     # pathopeft.adapters method: lora, salt, svfit, wara (used when mode = adapter). Their options:
     # lora {rank, alpha, dropout}; salt {rank | ratio, lora_rank, reg}; svfit {energy, max_rank};
@@ -182,9 +189,12 @@ class SegAdapterConfig(StrictModel):
 class SegLossConfig(StrictModel):
     """MONAI DiceCELoss or DiceFocalLoss on softmax outputs."""
 
+    # dice_ce (Dice + cross-entropy) or dice_focal (Dice + focal).
     name: Literal["dice_ce", "dice_focal"] = "dice_ce"
+    # Weight of the Dice term.
     lambda_dice: float = Field(1.0, ge=0)
     lambda_other: float = Field(1.0, ge=0)  # weight of the CE (dice_ce) or focal (dice_focal) term
+    # Focusing parameter of the focal term (dice_focal only).
     focal_gamma: float = Field(2.0, ge=0)
     # Include the background channel in the Dice term (MONAI default); false focuses on foreground.
     include_background: bool = True
@@ -193,11 +203,15 @@ class SegLossConfig(StrictModel):
 class SegOptimizerConfig(StrictModel):
     """AdamW over the trainable parameters, with warm-up + cosine decay per step."""
 
+    # Learning rate of the adapter (or encoder) parameters.
     lr: float = Field(1e-4, gt=0)
     # Learning rate of the decoder; null = same as lr. A fresh decoder often wants more than an adapter.
     decoder_lr: float | None = Field(None, gt=0)
+    # AdamW decoupled weight decay.
     weight_decay: float = Field(1e-2, ge=0)
+    # AdamW betas.
     betas: tuple[float, float] = (0.9, 0.999)
+    # cosine: warm-up then cosine decay per step; constant: warm-up then flat.
     scheduler: Literal["cosine", "constant"] = "cosine"
     warmup_fraction: float = Field(0.05, ge=0, lt=1)  # of all optimizer steps
 
@@ -205,7 +219,9 @@ class SegOptimizerConfig(StrictModel):
 class SegRunConfig(StrictModel):
     """Where the run folder goes: ``<root>/<name>/``."""
 
+    # Folder holding the run folders.
     root: str = "runs"
+    # Run folder name: <root>/<name>/.
     name: str = "segment"
     overwrite: bool = False  # replace an existing run folder of the same name
 
@@ -265,7 +281,9 @@ COMPARE_SHARED_KEYS = (
 class SegCompareSetting(StrictModel):
     """One contender of ``segment compare``: an adapter section (replacing the base one)."""
 
+    # Label of the setting in the table (letters, digits, - _ .).
     name: str
+    # The adapter section of this setting (replaces the base adapter section).
     adapter: SegAdapterConfig
     lrs: list[float] | None = None  # its learning-rate sweep; null = compare.lrs
     # Further KEY=VALUE overrides of the base config for this setting only (e.g. optimizer.decoder_lr=1e-3).
@@ -305,6 +323,7 @@ class SegCompareSection(StrictModel):
 
     # Every setting is trained at each learning rate and reported at its best validation Dice.
     lrs: list[float] = Field(default_factory=lambda: [1e-4, 3e-4, 1e-3])
+    # The contenders: each a name, an adapter section and optionally its own lrs and overrides.
     settings: list[SegCompareSetting] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -110,6 +110,7 @@ class RunConfig(StrictModel):
     accelerator: str = "auto"
     # Processes per node; slides are sharded across all ranks (rank r takes slides r::world).
     devices: int = Field(1, ge=1)
+    # Nodes of a multi-node run (torchrun / SLURM set the ranks); slides are sharded across all of them.
     num_nodes: int = Field(1, ge=1)
     # auto (ddp when devices > 1), ddp, ...
     strategy: str = "auto"

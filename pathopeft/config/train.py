@@ -57,6 +57,8 @@ class DataConfig(StrictModel):
     coords_dir: str | None = Field(
         "tiles/coords", description="tile coordinates/attrs (<slide_id>.h5) for bags without them; optional"
     )
+    # Class names in label order; index 0 is the negative class by default. Manifest labels are these
+    # names (any case) or their indices.
     classes: list[str] = Field(default_factory=lambda: ["normal", "tumor"], min_length=2)
     task: str = Field("camelyon16", description="task name: the classifier head's key in the checkpoint")
     negative_class: int | str | None = Field(
@@ -77,6 +79,7 @@ class DataConfig(StrictModel):
         None, ge=1, description="random subset of tiles per training step for huge bags; null = all"
     )
     batch_size: int = Field(1, ge=1, description="bags per step (padded + masked when > 1)")
+    # DataLoader worker processes reading bags (0 = in the training process).
     num_workers: int = Field(0, ge=0)
 
     @field_validator("manifest", mode="before")
@@ -120,14 +123,19 @@ def _negative_index(neg: int | str, classes: list[str]) -> int:
 class CoMELOptions(StrictModel):
     """CoMEL: GDAT encoder + ABMIL pooling (METHODS.md)."""
 
+    # Width d of the tile embeddings after the input Linear.
     embed_dim: int = 512
+    # Number of GDAT transformer blocks.
     depth: int = Field(2, ge=1)
+    # Attention heads per block.
     heads: int = Field(8, ge=1)
+    # Hidden width of each block's MLP as a multiple of embed_dim.
     mlp_ratio: float = 4.0
     dropout: float = Field(0.25, ge=0.0, lt=1.0, description="after the input Linear+ReLU")
     block_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="inside the transformer blocks")
     groups: int = Field(256, ge=1, description="G agent tokens")
     grouping: Literal["order", "coords"] = Field("order", description="file order (published) or spatial")
+    # Hidden width of the ABMIL pooling's attention network.
     attn_hidden: int = 256
     grad_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="recompute blocks in backward (less memory); auto = for bags ≥ 16384 tiles"
@@ -137,18 +145,26 @@ class CoMELOptions(StrictModel):
 class ABMILOptions(StrictModel):
     """ABMIL baseline options (shared by ``abmil`` and ``abmil_gated``)."""
 
+    # Width of the tile embeddings after the input Linear.
     embed_dim: int = 512
+    # Dropout after the input Linear+ReLU.
     dropout: float = Field(0.25, ge=0.0, lt=1.0)
+    # Hidden width of the attention network.
     attn_hidden: int = 256
+    # Dropout inside the attention network.
     attn_dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class TransMILOptions(StrictModel):
     """TransMIL baseline options (Nyström attention + PPEG)."""
 
+    # Width of the tile embeddings.
     embed_dim: int = 512
+    # Attention heads of the Nyström attention layers.
     heads: int = Field(8, ge=1)
+    # Nyström landmarks (cost grows with landmarks, not with tiles squared).
     landmarks: int = Field(256, ge=1)
+    # Dropout in the attention layers.
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
 
 
@@ -168,6 +184,7 @@ class ModelConfig(StrictModel):
     ``--set model.comel.grouping=coords`` tunes CoMEL without touching the others.
     """
 
+    # MIL model: comel (GDAT + ABMIL pooling + BPPL), abmil, abmil_gated or transmil.
     name: Literal["comel", "abmil", "abmil_gated", "transmil"] = "comel"
     in_dim: int | None = Field(None, ge=1, description="feature size; null = read from the bags")
     comel: CoMELOptions = Field(default_factory=CoMELOptions)
@@ -180,16 +197,21 @@ class ModelConfig(StrictModel):
 
 
 class OptimizerConfig(StrictModel):
+    # adam or adamw.
     name: Literal["adam", "adamw"] = "adam"
+    # Learning rate.
     lr: float = Field(1e-4, gt=0)
+    # Weight decay (L2 for adam, decoupled for adamw).
     weight_decay: float = Field(1e-5, ge=0)
 
 
 class ScheduleConfig(StrictModel):
     """Learning-rate schedule, stepped once per epoch."""
 
+    # cosine decay to min_lr over trainer.max_epochs, or constant.
     name: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: int = Field(0, ge=0, description="linear warm-up before the cosine decay")
+    # Learning rate at the end of the cosine decay.
     min_lr: float = Field(0.0, ge=0)
 
 
@@ -202,13 +224,14 @@ class BPPLConfig(StrictModel):
     centring, both labels (the published T = 1 keeps almost no pseudo-label).
     """
 
+    # Add the BPPL pseudo-label loss on tile scores (false: bag loss only).
     enabled: bool = True
     weight: float = Field(1.0, ge=0, description="total loss = CE_bag + weight · L_BPPL")
     tau1: float = Field(0.95, ge=0, le=1, description="bag confidence needed for pseudo-labels")
     temperature: float | None = Field(
         None,
         gt=0,
-        description="softmax temperature over the two prototype cosines; null = 0.1 (shipped; published: 1.0)",
+        description="softmax temperature over the two prototype cosines; null = 0.1 (published: 1.0)",
     )
     center: bool | None = Field(
         None,
@@ -305,10 +328,14 @@ class EvaluationConfig(StrictModel):
 
 
 class RunConfig(StrictModel):
+    # Run folder name: the run is written to <root>/<name>/.
     name: str = "comel_camelyon16"
+    # Folder holding the run folders.
     root: str = "runs"
+    # Replace a run folder that already holds a run (otherwise that is an error).
     overwrite: bool = False
     monitor: str = Field("val/loss", description="metric that picks best.ckpt")
+    # Whether a lower (min) or higher (max) monitor value is better.
     monitor_mode: Literal["min", "max"] = "min"
 
 
@@ -322,8 +349,11 @@ class TrainConfig(StrictModel):
     bppl: BPPLConfig = Field(default_factory=BPPLConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     continual: ContinualConfig = Field(default_factory=ContinualConfig)
+    # Passed to lightning.Trainer unchanged (devices, strategy, num_nodes, precision, max_epochs, ...);
+    # keys given replace the defaults one by one and are checked against its signature.
     trainer: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_TRAINER))
     run: RunConfig = Field(default_factory=RunConfig)
+    # Seed of the split carve-out, model init, bag order and subsampling.
     seed: int = 0
 
     @field_validator("trainer", mode="before")

@@ -50,6 +50,7 @@ class TissueConfig(StrictModel):
     # Fill holes inside tissue smaller than min_hole_um2 (lumens bigger than that stay out);
     # min_hole_um2 = null fills every hole.
     fill_holes: bool = True
+    # Largest hole area (µm²) that fill_holes fills; null fills every hole.
     min_hole_um2: float | None = Field(50_000.0, ge=0)
     # Tissue pieces smaller than this are dropped (dust, debris). 10,000 µm² = a 100 µm square,
     # less than one 256-px tile at 0.5 µm/px, so small biopsies and TMA cores (~280,000 µm²) stay.
@@ -108,8 +109,10 @@ class SynthConfig(StrictModel):
     """Synthetic cohort (``pathopeft synth``): pyramidal JPEG TIFFs + lesion GeoJSON + labels."""
 
     n: int = Field(4, ge=1)  # number of slides
+    # Random seed: the same seed writes the same files.
     seed: int = 0
     width: int = Field(8192, ge=64)  # level-0 pixels
+    # Level-0 height in pixels.
     height: int = Field(8192, ge=64)
     mpp: float | None = Field(0.5, gt=0)  # µm/px written as TIFF resolution; null = no metadata
     lesion_fraction: float = Field(0.5, ge=0, le=1)  # share of slides with planted lesions (tumor)
@@ -117,4 +120,17 @@ class SynthConfig(StrictModel):
     tile: int = Field(256, ge=16, multiple_of=16)  # TIFF tile size (TIFF needs multiples of 16)
     levels: int | None = Field(None, ge=1)  # pyramid levels; null = halve until < one tile
     quality: int = Field(80, ge=1, le=100)  # JPEG quality
+    # brightfield (H&E-like on white glass), fluorescence (bright on dark) or blank (glass only).
     modality: Literal["brightfield", "fluorescence", "blank"] = "brightfield"
+    # Lesion look: "dense" (crowded, large, dark nuclei) or "vesicular" (few, very large, pale
+    # nuclei on paler stroma): two tasks with different lesion types.
+    lesion: Literal["dense", "vesicular"] = "dense"
+    # Names written to labels.csv for slides without and with lesions (negative class first).
+    classes: tuple[str, str] = ("normal", "tumor")
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_classes(cls, value: tuple[str, str]) -> tuple[str, str]:
+        if not all(name.strip() for name in value) or value[0].lower() == value[1].lower():
+            raise ValueError("classes must be two distinct, non-empty names, e.g. [normal, tumor]")
+        return value

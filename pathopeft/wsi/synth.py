@@ -54,6 +54,7 @@ class SyntheticSlideInfo:
     level_dimensions: list[tuple[int, int]]
     tissue_polygons: list[np.ndarray] = field(default_factory=list)  # each (K, 2) float64
     lesion_polygons: list[np.ndarray] = field(default_factory=list)
+    lesion_kind: str = "dense"  # the lesion look (synth_texture.LESION_KINDS)
 
     @property
     def label(self) -> str:
@@ -125,12 +126,14 @@ def make_synthetic_slide(
     levels: int | None = None,
     quality: int = 80,
     slide_id: str | None = None,
+    lesion_kind: str = "dense",
 ) -> SyntheticSlideInfo:
     """Write one synthetic slide to ``path`` (atomically) and return its ground truth.
 
     ``lesions``: True = 1–2 lesions, an int = that many, False/0 = none. ``modality="blank"``
     writes glass only (no tissue). ``mpp=None`` writes no resolution metadata. Deterministic in
-    ``seed``. ``levels=None`` halves until a level fits in one tile.
+    ``seed``. ``levels=None`` halves until a level fits in one tile. ``lesion_kind`` is the lesion
+    look (``dense`` or ``vesicular``, see :data:`pathopeft.wsi.synth_texture.LESION_KINDS`).
     """
     if tile % 16:
         raise ValueError(f"tile must be a multiple of 16 (TIFF), got {tile}")
@@ -151,6 +154,7 @@ def make_synthetic_slide(
         level_dimensions=dims,
         tissue_polygons=tissue,
         lesion_polygons=lesion_polys,
+        lesion_kind=lesion_kind,
     )
     texture_scale = 0.5 / mpp if mpp else 1.0
     raster = _class_raster(info, tile)
@@ -181,7 +185,9 @@ def make_synthetic_cohort(out: str | Path, cfg: SynthConfig | None = None) -> li
     Slide ``i`` is ``synth_{i:03d}.tiff`` made with seed ``cfg.seed * 100003 + i``; which slides
     carry lesions (label ``tumor``) is a seeded choice of ``round(n * lesion_fraction)`` slides.
     Every slide gets a GeoJSON (an empty FeatureCollection for ``normal`` slides), so "no file"
-    never has to mean "no tumour".
+    never has to mean "no tumour". ``labels.csv`` names the classes ``cfg.classes`` (default
+    ``normal, tumor``; a second task's cohort needs its own names, e.g. ``liver_normal, liver_tumor``),
+    and ``cfg.lesion`` picks the lesion look.
     """
     cfg = cfg or SynthConfig()
     out = Path(out)
@@ -205,10 +211,12 @@ def make_synthetic_cohort(out: str | Path, cfg: SynthConfig | None = None) -> li
             levels=cfg.levels,
             quality=cfg.quality,
             slide_id=slide_id,
+            lesion_kind=cfg.lesion,
         )
         atomic_write_json(out / "annotations" / f"{slide_id}.geojson", info.geojson())
         infos.append(info)
-    lines = ["slide_id,label"] + [f"{info.slide_id},{info.label}" for info in infos]
+    names = {"normal": cfg.classes[0], "tumor": cfg.classes[1]}
+    lines = ["slide_id,label"] + [f"{info.slide_id},{names[info.label]}" for info in infos]
     atomic_write_text(out / "labels.csv", "\n".join(lines) + "\n")
     return infos
 
@@ -304,7 +312,7 @@ class _LevelPainter:
         self.choice = rng.integers(0, _BANK, size=(self.ny, self.nx))
         modality = info.modality
         self.normal = texture_bank(modality, tile, round(scale, 6), _BANK, False)
-        self.lesion = texture_bank(modality, tile, round(scale, 6), _BANK, True)
+        self.lesion = texture_bank(modality, tile, round(scale, 6), _BANK, True, info.lesion_kind)
         self.normal_jpeg = [self._encode(t) for t in self.normal] if (self.kind == 1).any() else []
         self.lesion_jpeg = [self._encode(t) for t in self.lesion] if (self.kind == 2).any() else []
         self.background = np.empty((tile, tile, 3), np.uint8)

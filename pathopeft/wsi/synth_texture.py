@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-__all__ = ["PALETTES", "Palette", "blob_polygon", "texture_bank"]
+__all__ = ["LESION_KINDS", "PALETTES", "Palette", "blob_polygon", "texture_bank"]
 
 
 @dataclass(frozen=True)
@@ -53,16 +53,32 @@ PALETTES: dict[str, Palette] = {
 }
 PALETTES["blank"] = PALETTES["brightfield"]
 
+# Lesion looks, so two synthetic tasks can differ in what their lesions look like (``synth
+# --lesion``): "dense" = crowded, larger, darker nuclei (the palette's lesion colours, the
+# default); "vesicular" = sparse, very large, pale nuclei on paler stroma (a different texture at
+# the same tissue colour family, which a model trained on "dense" lesions has not seen).
+LESION_KINDS = ("dense", "vesicular")
+
 
 @functools.lru_cache(maxsize=64)
-def texture_bank(modality: str, tile: int, scale: float, count: int, lesion: bool) -> tuple[np.ndarray, ...]:
+def texture_bank(
+    modality: str, tile: int, scale: float, count: int, lesion: bool, kind: str = "dense"
+) -> tuple[np.ndarray, ...]:
     """``count`` RGB tiles of tissue texture at ``scale`` (pixels per 0.5-µm pixel at this level).
+
+    ``kind`` (one of :data:`LESION_KINDS`) picks the lesion look; it is ignored for normal tissue.
 
     Rendered at up to 2× supersampling and area-downsampled, so coarse levels keep the average
     colour (what tissue detection sees) of the full-resolution texture.
     """
+    if kind not in LESION_KINDS:
+        raise ValueError(f"lesion kind {kind!r} is not one of {LESION_KINDS}")
     palette = PALETTES[modality]
-    key = f"{modality}|{tile}|{scale:.6f}|{lesion}".encode()
+    if lesion and kind == "vesicular":
+        palette = _vesicular(palette)
+    # "dense" keeps the key it always had, so existing synthetic slides stay byte-identical.
+    suffix = "" if kind == "dense" or not lesion else f"|{kind}"
+    key = f"{modality}|{tile}|{scale:.6f}|{lesion}{suffix}".encode()
     rng = np.random.default_rng(zlib.crc32(key))  # not hash(): str hashing is salted per process
     factor = 2 if scale < 1 else 1
     size = tile * factor
@@ -74,6 +90,29 @@ def texture_bank(modality: str, tile: int, scale: float, count: int, lesion: boo
             img = cv2.resize(img, (tile, tile), interpolation=cv2.INTER_AREA)
         tiles.append(img)
     return tuple(tiles)
+
+
+def _vesicular(pal: Palette) -> Palette:
+    """The "vesicular" lesion look of a palette: pale stroma, few very large pale nuclei."""
+
+    def mix(a: tuple[int, int, int], b: tuple[int, int, int], t: float) -> tuple[int, int, int]:
+        return (
+            round(a[0] * (1 - t) + b[0] * t),
+            round(a[1] * (1 - t) + b[1] * t),
+            round(a[2] * (1 - t) + b[2] * t),
+        )
+
+    return Palette(
+        background=pal.background,
+        stroma=pal.stroma,
+        nucleus=pal.nucleus,
+        lesion_stroma=mix(pal.stroma, pal.background, 0.35),
+        lesion_nucleus=mix(pal.nucleus, pal.stroma, 0.45),
+        nuclei_per_kpx=pal.nuclei_per_kpx,
+        lesion_density=0.6,
+        radius=pal.radius,
+        lesion_radius=9.0,
+    )
 
 
 def _render(rng: np.random.Generator, pal: Palette, size: int, scale: float, lesion: bool) -> np.ndarray:

@@ -46,17 +46,23 @@ class PipelineTask(StrictModel):
 
 
 class PipelineRun(StrictModel):
+    # Pipeline folder name: <root>/<name>/ holds one run per task and results/.
     name: str = "pipeline"
+    # Folder holding pipeline folders.
     root: str = "runs"
+    # Replace an existing pipeline folder (--resume continues one instead).
     overwrite: bool = False
 
 
 class PipelineConfig(StrictModel):
     """A task sequence for continual training (see the module docstring)."""
 
+    # How tasks 2.. are added: owlora, lora, finetune, ewc, replay, or joint (every task at once).
     method: Literal["owlora", "lora", "finetune", "ewc", "replay", "joint"] = "owlora"
+    # Seed given to every task (overrides the tasks' own seed).
     seed: int = 0
     set: list[str] = Field(default_factory=list, description="key=value overrides for every task")
+    # The task sequence, in training order: each a train config and its overrides.
     tasks: list[PipelineTask] = Field(min_length=1)
     run: PipelineRun = Field(default_factory=PipelineRun)
     forward_transfer: bool = Field(
