@@ -33,6 +33,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic_task.yaml"
 # method variants: a pipeline method plus overrides for every task
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "owlora_no_protect_base": ("owlora", ["continual.protect_base=false"]),
+    "owlora_protect_base": ("owlora", ["continual.protect_base=true"]),
 }
 
 
@@ -76,7 +77,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=None, help="default: the task config's")
-    parser.add_argument("--methods", default="owlora,owlora_no_protect_base,lora,finetune,ewc,replay,joint")
+    parser.add_argument(
+        "--methods", default="owlora_protect_base,owlora_no_protect_base,lora,finetune,ewc,replay,joint"
+    )
     parser.add_argument("--seed-list", default=None, help="comma-separated seeds (parallel processes)")
     parser.add_argument("--set", action="append", default=[], help="extra override for every task")
     parser.add_argument(
