@@ -344,3 +344,35 @@ def test_adapter_lr_applies_to_added_tasks_only(sequence):
     optimizer = second.configure_optimizers()
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
     assert optimizer.param_groups[0]["lr"] == 5e-3
+
+
+def test_bags_of_another_encoder_are_refused_whatever_their_folder_is_called(tmp_path):
+    """Same feature size, folder names that say nothing: the bags' own backbone/weights attributes
+    (written by `pathopeft tile`) decide, so an auto-resolved other encoder is caught."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from pathopeft.bags import FeatureBag, write_bag
+    from pathopeft.mil.continual.add_task import check_features
+    from pathopeft.mil.train import bag_identity
+
+    def bag(name: str, backbone: str, weights: str) -> Path:
+        path = tmp_path / name / "s.h5"
+        attrs = {"backbone": backbone, "weights": weights, "patch_size": 256}
+        write_bag(path, FeatureBag("s", np.zeros((3, 8), np.float32), np.zeros((3, 2), np.int64), attrs))
+        return path
+
+    first = bag("a", "resnet50", "hub:resnet50.tv_in1k")
+    ckpt = {"hyper_parameters": {"model": {"in_dim": 8}, "tasks": [
+        {"backbone": "features", "features_identity": bag_identity(first)}]}}  # fmt: skip
+
+    def data(path: Path) -> SimpleNamespace:
+        return SimpleNamespace(in_dim=8, features_dir=path.parent, cfg=SimpleNamespace(backbone=None),
+                               items=[SimpleNamespace(bag=path)])  # fmt: skip
+
+    check_features(ckpt, tmp_path / "x.ckpt", data(bag("b", "resnet50", "hub:resnet50.tv_in1k")))
+    with pytest.raises(ConfigError, match=r"weights='hub:resnet50.a1_in1k'.*weights='hub:resnet50.tv_in1k'"):
+        check_features(ckpt, tmp_path / "x.ckpt", data(bag("c", "resnet50", "hub:resnet50.a1_in1k")))
+    with pytest.raises(ConfigError, match="backbone='vit_small"):
+        check_features(ckpt, tmp_path / "x.ckpt", data(bag("d", "vit_small_patch16_224", "x")))

@@ -140,28 +140,32 @@ def test_a_ranked_but_uncalibrated_model_is_reported(caplog):
 
 @pytest.mark.slow
 def test_bppl_on_localises_better_than_bppl_off_over_seeds(tmp_path):
-    """The mechanism, not the architecture: the same CoMEL on the same small cohort, BPPL (the shipped
-    setting) against BPPL off, 3 seeds. Removing BPPL (or a BPPL that keeps nothing, as the published
-    T = 1 setting mostly does) fails this; ABMIL-like behaviour of plain attention is the 'off' arm."""
+    """The mechanism, not the architecture: the same CoMEL (the shipped config at the benchmark's
+    128 width) on the same small cohorts, the shipped BPPL against BPPL off, 3 seeds — the
+    ``small`` scenario of benchmarks/bench_bppl.py, where off scored 0.38/0.66/0.68 and on
+    0.89/0.91/0.81. A BPPL that keeps nothing (the published T = 1 setting, checked: gains
+    0.00/0.02/0.00) fails it."""
     import json
 
     from pathopeft.mil.train import train
 
-    config = Path(__file__).resolve().parents[1] / "configs" / "synthetic_task.yaml"
+    config = Path(__file__).resolve().parents[1] / "configs" / "camelyon_comel.yaml"
     gains = []
     for seed in range(3):
-        cohort = make_localization_cohort(tmp_path / f"c{seed}", n_bags=(24, 8, 12), tiles=(60, 120), dim=32,
+        cohort = make_localization_cohort(tmp_path / f"c{seed}", n_bags=(40, 12, 16), tiles=(60, 120), dim=32,
                                           signal=4.0, lesion_share=(0.05, 0.15), seed=100 + seed)  # fmt: skip
         aucs = {}
         for arm, sets in (("on", []), ("off", ["bppl.enabled=false"])):
             cfg = load_config(TrainConfig, config, [
+                "model.comel.embed_dim=128", "model.comel.heads=4", "model.comel.groups=64",
                 f"data.manifest={cohort.manifest}", f"data.features_dir={cohort.root / 'features'}",
-                f"data.annotations={cohort.annotations_dir}", "data.task=t", "data.classes=[normal,tumor]",
-                f"run.root={tmp_path / 'runs'}", f"run.name={arm}{seed}", f"seed={seed}",
-                "trainer.max_epochs=15", *sets,
+                "data.coords_dir=null", f"data.annotations={cohort.annotations_dir}", "data.num_workers=0",
+                "trainer.max_epochs=20", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+                "evaluation.write_predictions=false", "optimizer.lr=1e-3", f"run.root={tmp_path / 'runs'}",
+                f"run.name={arm}{seed}", f"seed={seed}", *sets,
             ])  # fmt: skip
             run = train(cfg)
             aucs[arm] = json.loads((run / "test_metrics.json").read_text())["instance_auc"]
         gains.append(aucs["on"] - aucs["off"])
     assert sum(g > 0 for g in gains) >= 2, gains
-    assert sum(gains) / len(gains) > 0.05, gains
+    assert sum(gains) / len(gains) > 0.1, gains

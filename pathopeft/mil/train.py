@@ -46,7 +46,22 @@ def task_provenance(config: TrainConfig, data: MILDataModule | None = None) -> d
         if config.data.annotations is None
         else str(Path(config.data.annotations).resolve()),
         "in_dim": data.in_dim if data is not None else config.model.in_dim,
+        "features_identity": bag_identity(data.items[0].bag) if data is not None and data.items else {},
     }
+
+
+def bag_identity(path: str | Path) -> dict[str, str]:
+    """Which encoder made a bag, from the attributes ``pathopeft tile`` writes (backbone name and
+    the resolved weights tag); empty for bags from elsewhere. Folder names can be anything, so a
+    later task's bags are compared by this, not by their folder's name."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            values = {key: h5.attrs.get(key) for key in ("backbone", "weights")}
+    except OSError:
+        return {}
+    return {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in values.items() if v is not None}
 
 
 def build_module(

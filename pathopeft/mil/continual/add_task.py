@@ -27,7 +27,7 @@ from pathopeft.mil.base import Task
 from pathopeft.mil.continual.evaluation import evaluate_task
 from pathopeft.mil.data import MILDataModule
 from pathopeft.mil.module import MILModule
-from pathopeft.mil.train import check_run_dir, fit_and_test, task_provenance
+from pathopeft.mil.train import bag_identity, check_run_dir, fit_and_test, task_provenance
 from pathopeft.runs import load_checkpoint
 
 __all__ = ["add_task", "data_config_for", "evaluate_all", "extend_module", "record_history"]
@@ -84,6 +84,17 @@ def check_features(ckpt: dict[str, Any], checkpoint: Path, data: MILDataModule) 
         raise ConfigError(
             f"data.backbone={mine!r}, but {checkpoint} was trained on features of {first!r}; "
             "tasks of one model must share the backbone"
+        )
+    recorded = hp["tasks"][0].get("features_identity") or {}
+    current = bag_identity(data.items[0].bag) if data.items else {}
+    differs = {k for k in recorded.keys() & current.keys() if recorded[k] != current[k]}
+    if differs:
+        theirs = ", ".join(f"{k}={recorded[k]!r}" for k in sorted(differs))
+        mine = ", ".join(f"{k}={current[k]!r}" for k in sorted(differs))
+        raise ConfigError(
+            f"data.features_dir: the new task's bags ({data.items[0].bag}) were made with {mine}, but "
+            f"{checkpoint} was trained on bags made with {theirs}; tasks of one model must share the "
+            "encoder (tile the new slides with the same backbone and weights)"
         )
 
 
