@@ -49,7 +49,10 @@ class FeatureConfig(StrictModel):
     # ImageNet's [0.485, 0.456, 0.406] / [0.229, 0.224, 0.225], CONCH-style (OpenAI CLIP) encoders
     # [0.48145466, 0.4578275, 0.40821073] / [0.26862954, 0.26130258, 0.27577711], while timm's
     # vit_large_patch16_224 says 0.5 / 0.5. Set both or neither. Part of the resume fingerprint.
+    # Per-channel mean of [0, 1] RGB pixels the encoder was trained with; null = timm's config for
+    # `backbone` (its default tag). Set it for weights from elsewhere (UNI: ImageNet's).
     mean: tuple[float, float, float] | None = None
+    # Per-channel std, set together with `mean`; null = timm's config for `backbone`.
     std: tuple[float, float, float] | None = None
     # Resize interpolation to the model's input size; null = timm's config for `backbone`.
     interpolation: Literal["bilinear", "bicubic"] | None = None
