@@ -109,7 +109,7 @@ def _check(argv: list[str]) -> None:
         from pathopeft.viewer.server import create_app
 
         ctx = command.make_context(name, args)
-        heatmaps = ctx.params["heatmaps"] or ctx.params["heatmaps_arg"]
+        heatmaps = ctx.params["heatmaps_opt"] or ctx.params["heatmaps_arg"]
         create_app(heatmaps, slides=ctx.params["slides"])  # what `view` serves (then serve_forever)
     else:
         command.make_context(name, list(args))  # raises on a bad option, value or argument
