@@ -88,7 +88,11 @@ def test_without_the_csv_the_exporters_gzipped_geojson_tiles_give_the_same_score
     c = create_app(copy).test_client()
     assert c.get(f"/api/{task}/t0/info").get_json()["scores"] == "t0.geojson.gz"
     got = [c.get(u).get_json() for u in urls]
-    assert [g["score"] for g in got[1:]] == pytest.approx([w["score"] for w in want[1:]], rel=1e-5)
+    for g, w in zip(got[1:], want[1:]):  # None where no tile lies under the point (pytest ≥ 9.2's
+        # approx refuses None with a relative tolerance, so compare those separately)
+        assert (g["score"] is None) == (w["score"] is None), (g, w)
+        if w["score"] is not None:
+            assert g["score"] == pytest.approx(w["score"], rel=1e-5)
     assert any(w["score"] is not None for w in want[1:])
     area = lambda g: shapely.union_all([shape(f["geometry"]) for f in g["features"]])  # noqa: E731
     assert area(got[0]).symmetric_difference(area(want[0])).area < 1e-6 * max(area(want[0]).area, 1)
