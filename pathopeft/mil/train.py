@@ -27,7 +27,7 @@ from pathopeft.mil.data import MILDataModule
 from pathopeft.mil.module import MILModule
 from pathopeft.runs import build_trainer, prepare_run_dir
 
-__all__ = ["build_module", "task_provenance", "train"]
+__all__ = ["bag_identity", "build_module", "module_for", "task_provenance", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,29 @@ def bag_identity(path: str | Path) -> dict[str, str]:
     return {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in values.items() if v is not None}
 
 
+def module_for(
+    config: TrainConfig,
+    model: dict[str, Any],
+    tasks: list[dict[str, Any]],
+    *,
+    adapters: list[dict[str, Any]] | None = None,
+    strategy: dict[str, Any] | None = None,
+) -> MILModule:
+    """A Lightning module with ``config``'s optimisation, BPPL and evaluation settings: the one
+    construction behind a first task (:func:`build_module`), an added task and joint training."""
+    return MILModule(
+        model=model,
+        tasks=tasks,
+        optimizer=config.optimizer.model_dump(),
+        schedule=config.schedule.model_dump(),
+        bppl=config.bppl.effective(),
+        evaluation=config.evaluation.model_dump(),
+        negative_class=config.data.negative_index(),
+        adapters=adapters,
+        strategy=strategy,
+    )
+
+
 def build_module(
     config: TrainConfig,
     in_dim: int,
@@ -72,16 +95,8 @@ def build_module(
 ) -> MILModule:
     """The Lightning module for ``config`` with the feature size read from the bags."""
     task = Task(config.data.task, tuple(config.data.classes))
-    return MILModule(
-        model={"name": config.model.name, "in_dim": in_dim, **config.model.options()},
-        tasks=[{**task.to_dict(), **task_provenance(config, data)}],
-        optimizer=config.optimizer.model_dump(),
-        schedule=config.schedule.model_dump(),
-        bppl=config.bppl.effective(),
-        evaluation=config.evaluation.model_dump(),
-        negative_class=config.data.negative_index(),
-        strategy=strategy,
-    )
+    model = {"name": config.model.name, "in_dim": in_dim, **config.model.options()}
+    return module_for(config, model, [{**task.to_dict(), **task_provenance(config, data)}], strategy=strategy)
 
 
 def train(config: TrainConfig, *, resume: bool = False) -> Path:

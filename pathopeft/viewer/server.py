@@ -73,19 +73,20 @@ def create_app(root: str | Path, *, slides: str | Path | None = None, cache_mb: 
     def dzi(task: str, slide_id: str) -> Response:
         return Response(tiler(task, slide_id).dzi(), mimetype="application/xml")
 
-    @app.get("/api/<task>/<slide_id>/slide_files/<int:level>/<int:col>_<int:row>.jpeg")
-    def slide_tile(task: str, slide_id: str, level: int, col: int, row: int) -> Response:
+    def cached_tile(task: str, slide_id: str, level: int, col: int, row: int, layer: str) -> bytes:
+        """A slide ("s") or heatmap ("h") tile, through the byte-bounded cache."""
         t = tiler(task, slide_id)
         checked_level(t, level, col, row)
-        data = cache.get_or_make(("s", t.entry.key, level, col, row), lambda: t.slide_tile(level, col, row))
-        return Response(data, mimetype="image/jpeg")
+        make = t.slide_tile if layer == "s" else t.heatmap_tile
+        return cache.get_or_make((layer, t.entry.key, level, col, row), lambda: make(level, col, row))
+
+    @app.get("/api/<task>/<slide_id>/slide_files/<int:level>/<int:col>_<int:row>.jpeg")
+    def slide_tile(task: str, slide_id: str, level: int, col: int, row: int) -> Response:
+        return Response(cached_tile(task, slide_id, level, col, row, "s"), mimetype="image/jpeg")
 
     @app.get("/api/<task>/<slide_id>/heatmap_files/<int:level>/<int:col>_<int:row>.png")
     def heat_tile(task: str, slide_id: str, level: int, col: int, row: int) -> Response:
-        t = tiler(task, slide_id)
-        checked_level(t, level, col, row)
-        data = cache.get_or_make(("h", t.entry.key, level, col, row), lambda: t.heatmap_tile(level, col, row))
-        return Response(data, mimetype="image/png")
+        return Response(cached_tile(task, slide_id, level, col, row, "h"), mimetype="image/png")
 
     @app.get("/api/<task>/<slide_id>/regions")
     def regions(task: str, slide_id: str) -> Response | tuple[Response, int]:

@@ -27,7 +27,7 @@ from pathopeft.mil.base import Task
 from pathopeft.mil.continual.evaluation import evaluate_task
 from pathopeft.mil.data import MILDataModule
 from pathopeft.mil.module import MILModule
-from pathopeft.mil.train import bag_identity, check_run_dir, fit_and_test, task_provenance
+from pathopeft.mil.train import bag_identity, check_run_dir, fit_and_test, module_for, task_provenance
 from pathopeft.runs import load_checkpoint
 
 __all__ = ["add_task", "data_config_for", "evaluate_all", "extend_module", "record_history"]
@@ -141,17 +141,7 @@ def extend_module(ckpt: dict[str, Any], config: TrainConfig, data: MILDataModule
     adapters = list(hp.get("adapters") or []) + create_strategy(strategy).adapter_records(
         old, config.data.task
     )
-    module = MILModule(
-        model=hp["model"],
-        tasks=[*hp["tasks"], task],
-        optimizer=config.optimizer.model_dump(),
-        schedule=config.schedule.model_dump(),
-        bppl=config.bppl.effective(),
-        evaluation=config.evaluation.model_dump(),
-        negative_class=config.data.negative_index(),
-        adapters=adapters,
-        strategy=strategy,
-    )
+    module = module_for(config, hp["model"], [*hp["tasks"], task], adapters=adapters, strategy=strategy)
     wanted = set(module.state_dict())
     state = {
         k: v for k, v in _remap(ckpt["state_dict"], wanted).items() if k not in ("tau2", "val_threshold")

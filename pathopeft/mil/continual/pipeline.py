@@ -198,8 +198,7 @@ def _run_joint(configs: list[TrainConfig], out: Path, resume: bool) -> None:
     from pathopeft.mil.base import Task
     from pathopeft.mil.continual.add_task import finish_task
     from pathopeft.mil.data import MILDataModule
-    from pathopeft.mil.module import MILModule
-    from pathopeft.mil.train import fit_and_test, task_provenance
+    from pathopeft.mil.train import fit_and_test, module_for, task_provenance
 
     last = configs[-1]
     run_dir = out / "joint"
@@ -220,16 +219,8 @@ def _run_joint(configs: list[TrainConfig], out: Path, resume: bool) -> None:
         {**Task(c.data.task, tuple(c.data.classes)).to_dict(), **task_provenance(c, d)}
         for c, d in zip(configs, datas)
     ]
-    module = MILModule(
-        model={"name": last.model.name, "in_dim": current.in_dim, **last.model.options()},
-        tasks=tasks,
-        optimizer=last.optimizer.model_dump(),
-        schedule=last.schedule.model_dump(),
-        bppl=last.bppl.effective(),
-        evaluation=last.evaluation.model_dump(),
-        negative_class=last.data.negative_index(),
-        strategy={"name": "joint"},
-    )
+    model = {"name": last.model.name, "in_dim": current.in_dim, **last.model.options()}
+    module = module_for(last, model, tasks, strategy={"name": "joint"})
     cfg = _fresh(last)
     cfg.run.name = "joint"
     fit_and_test(cfg, module, current, run_dir)
