@@ -2,7 +2,8 @@
 
 Each method runs the same pipeline (:mod:`pathopeft.mil.continual.pipeline`) on the same cohorts
 (:func:`pathopeft.mil.synthetic.make_task_sequence`) and seeds. Prints, per method, mean ± sd over
-seeds of ACC / BWT / forgetting (bag accuracy, class-incremental and task-aware) and instance AUC,
+seeds of ACC / BWT / forgetting (bag accuracy: class-incremental, routed and task-aware), instance AUC
+and the routed mode's routing accuracy,
 plus per added task: trainable parameters, checkpoint growth and training time, against ``joint``
 (retraining one model on every task).
 
@@ -86,6 +87,9 @@ def main() -> None:
         "--no-forward-transfer", action="store_true", help="skip the from-scratch reference runs"
     )
     parser.add_argument("--out", default=None, help="CSV of every (method, seed, mode, metric)")
+    parser.add_argument(
+        "--shared-tissue", action="store_true", help="every organ on the same tissue (routing's hard case)"
+    )
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -95,7 +99,8 @@ def main() -> None:
         seeds = [int(v) for v in args.seed_list.split(",")] if args.seed_list else range(args.seeds)
         for seed in seeds:
             cohorts = make_task_sequence(tmp / f"data{seed}", ORGANS, seed=seed, dim=32, n_bags=(24, 8, 12),
-                                         tiles=(60, 120), signal=4.0, lesion_share=(0.05, 0.15))  # fmt: skip
+                                         tiles=(60, 120), signal=4.0, lesion_share=(0.05, 0.15),
+                                         shared_tissue=args.shared_tissue)  # fmt: skip
             for method in args.methods.split(","):
                 start = time.perf_counter()
                 forward = method != "joint" and not args.no_forward_transfer
@@ -121,17 +126,23 @@ def main() -> None:
     epochs = args.epochs or "config's"
     print(
         f"\n3-task synthetic sequence ({sequence}), seeds {list(seeds)}, {epochs} epochs per task, {args.set}"
+        + (", shared tissue" if args.shared_tissue else "")
     )
-    print("| method | mode | ACC bag acc | BWT bag acc | forgetting | FWT bag acc | ACC inst. AUC | s/run |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| method | mode | ACC bag acc | BWT bag acc | forgetting | FWT bag acc | ACC inst. AUC "
+        "| routing acc. | s/run |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for method in args.methods.split(","):
-        for mode in ("class_incremental", "task_aware"):
+        for mode in ("class_incremental", "routed", "task_aware"):
             g = frame[(frame["method"] == method) & (frame["mode"] == mode)]
             acc = g[g["metric"] == "bag_accuracy"]
             inst = g[g["metric"] == "instance_auc"]
+            routing = g[g["metric"] == "routing_accuracy"]
             cells = [fmt(acc.ACC.tolist()), fmt(acc.BWT.tolist()), fmt(acc.forgetting.tolist())]
             cells += [fmt(acc.FWT.tolist())]
-            cells += [fmt(inst.ACC.tolist()), f"{g.seconds.mean():.0f}"]
+            cells += [fmt(inst.ACC.tolist()), fmt(routing.ACC.tolist()) if len(routing) else "—"]
+            cells += [f"{g.seconds.mean():.0f}"]
             print(f"| {method} | {mode} | {' | '.join(cells)} |")
     sizes_frame = pd.DataFrame(sizes)
     print("\n| method | task | training s (mean) | checkpoint MB (mean) | trainable (first seed) |")

@@ -231,10 +231,12 @@ def test_pipeline_writes_result_matrices_and_a_missing_config_is_refused(cohorts
     costs = pd.read_csv(out / "results" / "task_costs.csv")
     assert list(costs["run"]) == ["reference/task1_liver", "task0_breast", "task1_liver"]
     assert (costs["fit_seconds"] > 0).all()
-    for mode in ("class_incremental", "task_aware"):
+    for mode in ("class_incremental", "task_aware", "routed"):
         for metric in ("bag_accuracy", "bag_auc", "instance_auc", "tile_dice"):
             assert (out / "results" / f"{mode}_{metric}.csv").is_file()
             assert (out / "results" / f"{mode}_{metric}.png").stat().st_size > 1000
+    routing = pd.read_csv(out / "results" / "routed_routing_accuracy.csv", index_col=0)
+    assert routing.loc["after liver"].notna().all()
     summary = (out / "results" / "summary.md").read_text()
     assert "BWT" in summary and "owlora" in summary
     import yaml
@@ -406,3 +408,121 @@ def test_owlora_forgets_clearly_less_than_finetuning_on_the_synthetic_sequence(t
     assert bwt["owlora"] >= -0.05, bwt
     assert bwt["finetune"] <= -0.1, bwt
     assert bwt["owlora"] - bwt["finetune"] >= 0.1, bwt
+
+
+def test_router_is_fitted_per_task_stored_without_pickle_and_never_refitted(sequence, cohorts):
+    from pathopeft.mil.continual.router import ROUTER_KEY
+
+    states = [load_checkpoint(run / "best.ckpt")[ROUTER_KEY] for run in sequence["runs"]]
+    assert [[t["name"] for t in s["tasks"]] for s in states] == [list(ORGANS[: i + 1]) for i in range(3)]
+    first, last = states[0]["tasks"][0], states[2]["tasks"][0]
+    assert torch.equal(first["mean"], last["mean"]) and torch.equal(first["var"], last["var"])
+    assert first["count"] == 8 and first["mean"].shape == (16,)  # 8 training bags of 16-dim features
+    module = MILModule.from_checkpoint(sequence["runs"][2] / "best.ckpt")
+    for i, cohort in enumerate(cohorts):
+        x, _ = _bag(cohort)
+        post = module.router.posterior(x.mean(dim=0, keepdim=True), list(ORGANS))
+        assert int(post.argmax()) == i, post
+
+
+def test_routed_mode_answers_with_the_routed_task_and_needs_no_task_id(sequence, cohorts):
+    from pathopeft.mil.continual.evaluation import evaluate_task
+
+    evaluation = json.loads((sequence["runs"][2] / "evaluation.json").read_text())["results"]
+    for organ in ORGANS:
+        routed, aware = evaluation[organ]["routed"], evaluation[organ]["task_aware"]
+        assert routed["routing_accuracy"] == 1.0  # the organs' backgrounds differ by construction
+        # routed to its own task every time: the task-aware answer, over every class seen
+        assert routed["bag_accuracy"] == aware["bag_accuracy"]
+        assert routed["bag_auc"] == pytest.approx(aware["bag_auc"], abs=1e-6)
+        assert routed["instance_auc"] == pytest.approx(aware["instance_auc"], abs=1e-6)
+    # a model whose router lacks a task (trained before the router existed): routed is NaN, rest kept
+    module = MILModule.from_checkpoint(sequence["runs"][2] / "best.ckpt")
+    del module.router.tasks["colon"]
+    cfg = _cfg(cohorts[0], "breast", sequence["root"], "probe_router")
+    data = MILDataModule(cfg.data, seed=0, task=0)
+    data.prepare()
+    result = evaluate_task(module, "breast", data.test_dataloader())
+    assert all(v != v for v in result["routed"].values())
+    assert result["task_aware"]["bag_accuracy"] == evaluation["breast"]["task_aware"]["bag_accuracy"]
+
+
+def test_router_misroutes_when_told_a_bag_is_elsewhere(sequence, cohorts):
+    """Routing decides the answer: a bag forced onto another task gets that task's classes."""
+    from pathopeft.mil.continual.evaluation import _routed
+    from pathopeft.mil.continual.router import TaskRouter
+
+    module = MILModule.from_checkpoint(sequence["runs"][2] / "best.ckpt")
+    x, c = _bag(cohorts[0])
+    batch = {"features": x[None], "coords": c[None], "mask": torch.ones(1, len(x), dtype=torch.bool)}
+    log_joint, _, _, route = _routed(module, list(ORGANS), batch)
+    assert int(route) == 0 and int(log_joint.argmax()) in (0, 1)
+    moved = TaskRouter.from_state(module.router.state())
+    moved.tasks["breast"]["mean"] = moved.tasks["breast"]["mean"] + 100.0  # breast's statistics moved away
+    module.router = moved
+    log_joint, _, _, route = _routed(module, list(ORGANS), batch)
+    assert int(route) != 0 and int(log_joint.argmax()) not in (0, 1)
+
+
+def test_task_router_unit():
+    from pathopeft.mil.continual.router import TaskRouter, bag_descriptor
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(20, 4, generator=gen), torch.randn(20, 4, generator=gen) + 3.0
+    router = TaskRouter()
+    router.fit_task("a", a)
+    router.fit_task("b", b[:1])  # one bag: variances come from the shrinkage floor, not zero
+    assert torch.isfinite(router.tasks["b"]["var"]).all() and (router.tasks["b"]["var"] > 0).all()
+    with pytest.raises(ValueError, match="size 5"):
+        router.fit_task("c", torch.randn(3, 5))
+    with pytest.raises(KeyError, match="'z'"):
+        router.log_likelihood(a, ["a", "z"])
+    state = router.state()
+    buffer = __import__("io").BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    again = TaskRouter.from_state(torch.load(buffer, weights_only=True))
+    assert torch.equal(again.log_likelihood(a, ["a", "b"]), router.log_likelihood(a, ["a", "b"]))
+    assert (router.posterior(a, ["a", "b"]).argmax(1) == 0).float().mean() > 0.9
+    feats = torch.randn(2, 5, 4, generator=gen)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    desc = bag_descriptor(feats, mask)
+    assert torch.allclose(desc[1], feats[1, :2].mean(0)) and torch.allclose(desc[0], feats[0].mean(0))
+
+
+def test_heatmap_task_auto_routes_each_slide_to_its_organ(sequence, cohorts, tmp_path):
+    """`pathopeft heatmap --task auto`: slides of unknown organ, each scored by its routed task."""
+    import shutil
+
+    from pathopeft.config.heatmap import HeatmapConfig
+    from pathopeft.heatmaps.processor import run_heatmaps
+    from pathopeft.wsi.synth import make_synthetic_slide
+
+    slides, features = tmp_path / "slides", tmp_path / "features"
+    features.mkdir()
+    for organ, cohort in zip(ORGANS, cohorts):
+        sid = f"{organ}_test_001"
+        shutil.copy(cohort.features_dir / f"{sid}.h5", features / f"{sid}.h5")
+        make_synthetic_slide(slides / f"{sid}.tiff", width=2048, height=2048, seed=1, lesions=False)
+    checkpoint = sequence["runs"][2] / "best.ckpt"
+    cfg = HeatmapConfig(task="auto", formats=("geojson",))
+    result = run_heatmaps(checkpoint, slides, features, tmp_path / "out", cfg)
+    rows = {r["slide_id"]: r for r in result.rows}
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    module = MILModule.from_checkpoint(checkpoint)
+    for organ in ORGANS:
+        sid = f"{organ}_test_001"
+        meta = json.loads((tmp_path / "out" / f"{sid}.json").read_text())
+        assert rows[sid]["task"] == meta["task"] == organ
+        assert meta["class"] == f"{organ}_tumor" and max(meta["routing"]["task_posterior"].values()) > 0.99
+        named = run_heatmaps(checkpoint, slides, features, tmp_path / f"named_{organ}", HeatmapConfig(
+            task=organ, formats=("geojson",)))  # fmt: skip
+        same = next(r for r in named.rows if r["slide_id"] == sid)
+        assert same["bag_probability"] == rows[sid]["bag_probability"]
+    del module.router.tasks["colon"]
+    from pathopeft.heatmaps.scoring import TaskError, check_routable
+
+    with pytest.raises(TaskError, match="lacks \\['colon'\\]"):
+        check_routable(module, None)
+    with pytest.raises(TaskError, match="class_name"):
+        check_routable(MILModule.from_checkpoint(checkpoint), "breast_tumor")

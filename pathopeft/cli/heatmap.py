@@ -27,7 +27,11 @@ from pathopeft.config.heatmap import FORMATS, HeatmapConfig
 )
 @click.option("--features", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--task", default=None, help="Task of the checkpoint (default: its last).")
+@click.option(
+    "--task",
+    default=None,
+    help="Task of the checkpoint (default: its last); 'auto' routes each slide to its task.",
+)
 @click.option("--class", "class_name", default=None, help="Class shown (default: the task's last).")
 @click.option("--score", type=click.Choice(["attention", "probability"]), default=None)
 @click.option("--normalize", type=click.Choice(["none", "minmax", "rank"]), default=None)

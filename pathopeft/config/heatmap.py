@@ -64,7 +64,9 @@ class FrocConfig(StrictModel):
 class HeatmapConfig(StrictModel):
     """``pathopeft heatmap``: every option of the command (the flags override these keys)."""
 
-    task: str | None = None  # a task of the checkpoint; null = its last (the newest) task
+    # a task of the checkpoint; null = its last (the newest) task; auto = each slide routed to its task
+    # by the checkpoint's task router (a continual model asked about slides of unknown organ)
+    task: str | None = None
     class_name: str | None = None  # class shown; null = the task's last class (e.g. tumor)
     # attention: the pooling's attention per tile; probability: the bag head applied to each tile's
     # embedding.

@@ -32,9 +32,12 @@ from pathopeft.heatmaps.overlay import render_overlay, write_png
 from pathopeft.heatmaps.pyramid import write_pyramid
 from pathopeft.heatmaps.raster import build_grid, region_geometries
 from pathopeft.heatmaps.scoring import (
+    AUTO_TASK,
     RAW_SCORE,
+    check_routable,
     display_scores,
     resolve_task,
+    route_task,
     scale_sentence,
     score_bag,
 )
@@ -172,7 +175,11 @@ def run_heatmaps(
     settings = _settings(cfg)
     task_label = cfg.task or module.model.tasks[-1].name
     try:
-        task, classes, class_index = resolve_task(module, cfg.task, cfg.class_name)
+        if cfg.task == AUTO_TASK:  # routed per slide in _export_slide
+            check_routable(module, cfg.class_name)
+            task, classes, class_index = AUTO_TASK, (), -1
+        else:
+            task, classes, class_index = resolve_task(module, cfg.task, cfg.class_name)
         task_error = None
     except ValueError as exc:
         task, classes, class_index, task_error = task_label, (), -1, str(exc)
@@ -264,6 +271,11 @@ def _export_slide(
     if cfg.smooth_um > 0 and not geo.mpp:
         raise ValueError(f"{pair.slide_path}: smooth_um needs the slide's µm/px, which it does not have")
 
+    routing = None
+    if task == AUTO_TASK:
+        task, posterior = route_task(module, bag.features)
+        task, classes, class_index = resolve_task(module, task, None)
+        routing = {"task_posterior": posterior}
     scores = score_bag(module, bag.features, bag.coords, task)
     class_name = classes[class_index]
     bag_probability = float(scores.bag_probs[class_index])
@@ -358,6 +370,7 @@ def _export_slide(
         "tiff_nodata_rgb": list(cfg.tiff.nodata_rgb),
         "files": files,
         "settings": settings,
+        "routing": routing,  # task=auto: the router's p(task | bag); null when the task was named
     }
     atomic_write_json(out / f"{sid}.json", meta)
     row = _row_from_meta(meta)

@@ -17,6 +17,10 @@ by construction, so they paint the most-attended tiles of every slide hot, benig
 With ``gate="bag_probability"`` (the default) the shown value is the normalised score multiplied by
 the bag probability of the class; a slide the model calls negative (probability < threshold) can
 then never reach the region threshold, and its map stays cold.
+
+``task="auto"`` (:func:`route_task`) is for a continual checkpoint asked about a slide whose task
+(organ) is not known: the checkpoint's task router picks it from the bag's mean feature
+(:mod:`pathopeft.mil.continual.router`), and that task's task-aware view scores the slide.
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ import numpy as np
 import torch
 
 __all__ = [
+    "AUTO_TASK",
     "RAW_SCORE",
     "BagScores",
     "TaskError",
     "display_scores",
     "resolve_task",
+    "route_task",
     "scale_sentence",
     "score_bag",
 ]
@@ -47,8 +53,33 @@ RAW_SCORE = {
 }
 
 
+AUTO_TASK = "auto"
+
+
 class TaskError(ValueError):
     """The checkpoint has no such task or class (the message lists what it has)."""
+
+
+def check_routable(module: Any, class_name: str | None) -> None:
+    """``task="auto"`` needs a router that knows every task, and no fixed class (tasks differ)."""
+    names = [t.name for t in module.model.tasks]
+    missing = [n for n in names if n not in module.router]
+    if missing:
+        raise TaskError(
+            f"task=auto needs the checkpoint's task router, which lacks {missing} (a model trained "
+            "before the router existed); name the task instead"
+        )
+    if class_name is not None:
+        raise TaskError("task=auto shows each routed task's last class: leave class_name unset")
+
+
+@torch.no_grad()
+def route_task(module: Any, features: np.ndarray) -> tuple[str, dict[str, float]]:
+    """(the task a bag is routed to, p(task | bag) per task) from the checkpoint's router."""
+    names = [t.name for t in module.model.tasks]
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+    posterior = module.router.posterior(x.mean(dim=0, keepdim=True), names)[0]
+    return names[int(posterior.argmax())], {n: float(p) for n, p in zip(names, posterior)}
 
 
 @dataclass

@@ -33,6 +33,7 @@ from torchmetrics.aggregation import CatMetric, MeanMetric, SumMetric
 
 from pathopeft.mil.base import MILOutput, Task
 from pathopeft.mil.bppl import bppl_loss, confidence_correct, tau2_from_q
+from pathopeft.mil.continual.router import ROUTER_KEY, TaskRouter
 from pathopeft.mil.metrics import BagMetrics, InstanceMetrics, best_threshold
 from pathopeft.mil.predictions import PredictionWriter
 from pathopeft.mil.registry import create_model
@@ -140,6 +141,8 @@ class MILModule(lightning.LightningModule):
         self.test_results: dict[str, float] = {}
         # evaluations recorded in the checkpoint: {"after": task, "task", "mode", metrics...}
         self.history: list[dict[str, Any]] = []
+        # per-task bag statistics for inference without a task id (fitted after each task's training)
+        self.router = TaskRouter()
 
     @property
     def tasks(self) -> list[Task]:
@@ -172,10 +175,12 @@ class MILModule(lightning.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["pathopeft_history"] = list(self.history)
         checkpoint["pathopeft_strategy"] = dict(self.strategy.state)
+        checkpoint[ROUTER_KEY] = self.router.state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = list(checkpoint.get("pathopeft_history", []))
         self.strategy.state = dict(checkpoint.get("pathopeft_strategy", {}))
+        self.router = TaskRouter.from_state(checkpoint.get(ROUTER_KEY))
 
     def on_train_start(self) -> None:
         self.strategy.after_load(self)  # derived data (projection bases) from the weights now loaded

@@ -252,6 +252,7 @@ def make_task_sequence(
     *,
     dim: int = 64,
     seed: int = 0,
+    shared_tissue: bool = False,
     **options: object,
 ) -> list[LocalizationCohort]:
     """A continual sequence: one localization cohort per organ, under ``root/<name>/``.
@@ -260,12 +261,17 @@ def make_task_sequence(
     the three lesion types differ and a shared encoder must tell them apart; class names are
     ``<organ>_normal`` / ``<organ>_tumor`` (class-incremental prediction needs distinct names) and
     slide ids start with the organ. One bag feature space (``dim``) for all, as one backbone gives.
+    ``shared_tissue`` gives every organ the same tissue centres (only the lesions differ): the
+    hard case for routing a bag to its task by what its tissue looks like.
     """
     rng = np.random.default_rng(seed)
     cohorts = []
+    shared = rng.normal(0, 1.0, (6, dim)) if shared_tissue else None
     for i, name in enumerate(names):
         direction = rng.normal(0, 1, dim)
         centres = rng.normal(0, 1.0, (6, dim)) + rng.normal(0, 1.5, dim)  # the organ's own background
+        if shared is not None:
+            centres = shared
         cohorts.append(
             make_localization_cohort(
                 Path(root) / name,

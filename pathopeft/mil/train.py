@@ -157,6 +157,7 @@ def fit_and_test(
     trainer.test(module, datamodule=data, ckpt_path=checkpoint, verbose=False)
     module.best_checkpoint = run_dir / f"{checkpoint}.ckpt"
     if trainer.is_global_zero:
+        _fit_router(module, data, run_dir)
         summary: dict[str, Any] = {
             "task": config.data.task,
             "split": data.test_split,
@@ -169,3 +170,17 @@ def fit_and_test(
         }
         atomic_write_json(run_dir / "test_metrics.json", summary)
     return run_dir
+
+
+def _fit_router(module: MILModule, data: MILDataModule, run_dir: Path) -> None:
+    """Fit the task router on the new task's training bags (every task's, for joint training) and
+    store it in the run's checkpoints, so the model can be asked without a task id."""
+    from pathopeft.mil.continual.router import fit_router, write_router
+
+    names = [r["name"] for r in module.records]
+    default = len(names) - 1 if data.task is None else data.task
+    fitted = fit_router(
+        module.router, names, [data._dataset("train", train=False), *data.extra_train], default
+    )
+    if fitted:
+        write_router(module.router, [run_dir / "best.ckpt", run_dir / "last.ckpt"])

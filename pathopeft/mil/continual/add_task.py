@@ -25,6 +25,7 @@ from pathopeft.config.train import DataConfig, TrainConfig
 from pathopeft.files import atomic_path, atomic_write_json
 from pathopeft.mil.base import Task
 from pathopeft.mil.continual.evaluation import evaluate_task
+from pathopeft.mil.continual.router import ROUTER_KEY, TaskRouter
 from pathopeft.mil.data import MILDataModule
 from pathopeft.mil.module import MILModule
 from pathopeft.mil.train import bag_identity, check_run_dir, fit_and_test, module_for, task_provenance
@@ -164,6 +165,7 @@ def extend_module(ckpt: dict[str, Any], config: TrainConfig, data: MILDataModule
     if previous == method:
         module.strategy.state = dict(ckpt.get("pathopeft_strategy", {}))
     module.history = list(ckpt.get("pathopeft_history", []))
+    module.router = TaskRouter.from_state(ckpt.get(ROUTER_KEY))
     module.strategy.after_load(module)
     log.info("added task %r with %s: %s", config.data.task, method, trainable_summary(module))
     return module

@@ -12,7 +12,7 @@ from pathopeft.runs import load_checkpoint
 __all__ = ["task_table"]
 
 SHOWN = ("task_aware/bag_accuracy", "task_aware/bag_auc", "task_aware/instance_auc",
-         "class_incremental/bag_accuracy")  # fmt: skip
+         "class_incremental/bag_accuracy", "routed/bag_accuracy", "routed/routing_accuracy")  # fmt: skip
 
 
 def _adapter_sizes(state: dict[str, Any], name: str) -> int:

@@ -33,7 +33,7 @@ from pathopeft.config import ConfigError, load_config, read_yaml
 from pathopeft.config.base import StrictModel
 from pathopeft.config.train import TrainConfig
 from pathopeft.files import atomic_write_json, atomic_write_text
-from pathopeft.mil.continual.evaluation import METRICS, MODES
+from pathopeft.mil.continual.evaluation import matrix_keys
 
 __all__ = ["PipelineConfig", "is_pipeline", "run_pipeline", "summarise", "task_costs", "transfer_metrics"]
 
@@ -234,7 +234,7 @@ def _matrices(out: Path) -> tuple[list[str], dict[tuple[str, str], np.ndarray], 
         [out / "joint"] if state["method"] == "joint" else [out / f"task{i}_{n}" for i, n in enumerate(names)]
     )
     rows = len(folders)
-    mats = {(m, k): np.full((rows, len(names)), np.nan) for m in MODES for k in METRICS}
+    mats = {key: np.full((rows, len(names)), np.nan) for key in matrix_keys()}
     after = []
     for t, folder in enumerate(folders):
         if not (folder / "evaluation.json").is_file():
@@ -245,9 +245,8 @@ def _matrices(out: Path) -> tuple[list[str], dict[tuple[str, str], np.ndarray], 
             result = evaluation["results"].get(name)
             if not result or "error" in result:
                 continue
-            for m in MODES:
-                for k in METRICS:
-                    mats[(m, k)][t, i] = result[m][k]
+            for m, k in mats:
+                mats[(m, k)][t, i] = result.get(m, {}).get(k, np.nan)
     return names, mats, after
 
 
@@ -277,7 +276,7 @@ def transfer_metrics(r: np.ndarray, scratch: np.ndarray | None = None) -> dict[s
 
 def _scratch(out: Path, names: list[str]) -> dict[tuple[str, str], np.ndarray]:
     """Per mode and metric, each task's from-scratch score (reference/ runs; NaN where absent)."""
-    refs = {(m, k): np.full(len(names), np.nan) for m in MODES for k in METRICS}
+    refs = {key: np.full(len(names), np.nan) for key in matrix_keys()}
     for i, name in enumerate(names):
         path = out / "reference" / f"task{i}_{name}" / "evaluation.json"
         if not path.is_file():
@@ -285,9 +284,8 @@ def _scratch(out: Path, names: list[str]) -> dict[tuple[str, str], np.ndarray]:
         result = json.loads(path.read_text())["results"].get(name)
         if not result or "error" in result:
             continue
-        for m in MODES:
-            for k in METRICS:
-                refs[(m, k)][i] = result[m][k]
+        for m, k in refs:
+            refs[(m, k)][i] = result.get(m, {}).get(k, np.nan)
     return refs
 
 
