@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from pathopeft.mil.continual.router import ROUTER_KEY
 from pathopeft.runs import load_checkpoint
 
 __all__ = ["task_table"]
@@ -21,7 +22,8 @@ def _adapter_sizes(state: dict[str, Any], name: str) -> int:
 
 
 def task_table(checkpoint: str | Path) -> pd.DataFrame:
-    """Name, classes, negative class, manifest, adapters and their size, parameters added, metrics.
+    """Name, classes, negative class, manifest, adapters and their size, parameters added, the
+    number of training bags behind the task router's statistics (0: the task cannot be routed), metrics.
 
     ``metrics`` lists the task's test metrics recorded when it was trained and after each later
     task (from the checkpoint's history), as ``after <task>: key=value, ...``.
@@ -33,6 +35,7 @@ def task_table(checkpoint: str | Path) -> pd.DataFrame:
     state = ckpt["state_dict"]
     adapters = hp.get("adapters") or []
     history = ckpt.get("pathopeft_history", [])
+    router = {t["name"]: int(t["count"]) for t in (ckpt.get(ROUTER_KEY) or {}).get("tasks", [])}
     rows = []
     for i, task in enumerate(hp["tasks"]):
         mine = [a for a in adapters if a.get("task") == task["name"]]
@@ -65,6 +68,8 @@ def task_table(checkpoint: str | Path) -> pd.DataFrame:
                 or "-",
                 "adapter_params": adapter_params,
                 "params_added": added,
+                # bags the task router's statistics came from (inference without a task id)
+                "router_bags": router.get(task["name"], 0),
                 "metrics": metrics or "-",
             }
         )
