@@ -5,7 +5,7 @@ folder gets a checkpoint that holds every task. Everything that can be wrong wit
 checked before a file is written or a step trained: the task name and class names are new, the
 model type, feature size and backbone are the checkpoint's, the manifest's bags exist.
 
-After training, every earlier task whose bags are still readable is evaluated again (both modes,
+After training, every earlier task whose bags are still readable is evaluated again (every mode,
 :mod:`pathopeft.mil.continual.evaluation`), and the checkpoint's history records it, so
 ``pathopeft tasks`` shows how each task fared after each later one.
 """
@@ -225,7 +225,7 @@ def replay_datasets(module: MILModule, config: TrainConfig) -> list[Any]:
 
 
 def evaluate_all(module: MILModule, config: TrainConfig, current: MILDataModule) -> dict[str, dict[str, Any]]:
-    """Every task's test metrics in both modes; tasks whose bags are gone are reported as such."""
+    """Every task's test metrics in every mode; tasks whose bags are gone are reported as such."""
     results: dict[str, dict[str, Any]] = {}
     for index, record in enumerate(module.records):
         if index == len(module.records) - 1:
