@@ -116,16 +116,29 @@ class TileOverlap(Metric):
 
 
 class InstanceMetrics(nn.Module):
-    """Tile-level metrics over a split; slides without tile labels (label −1) are ignored."""
+    """Tile-level metrics over a split; slides without tile labels (label −1) are ignored.
+
+    ``instance_auc`` pools every labelled tile of the split. Over min–max scores that pool mixes two
+    things a pathologist tells apart: does the model find the lesion *within* a tumour slide, and
+    does it keep a normal slide quiet (min–max paints some tiles of every slide at 1)? So the two
+    parts are reported too: ``instance_auc_positive_slides`` (pooled over slides with tumour tiles
+    only) and ``negative_slide_alarm_share`` (share of tiles of tumour-free slides scoring ≥ the
+    threshold).
+    """
 
     def __init__(self, threshold: float = 0.5) -> None:
         super().__init__()
+        self.threshold = threshold
         self.auroc = BinaryAUROC()
+        self.auroc_positive = BinaryAUROC()
         self.accuracy = BinaryAccuracy(threshold=threshold)
         self.f1 = BinaryF1Score(threshold=threshold)
         self.overlap = TileOverlap(threshold=threshold)
         self.labelled = SumMetric()
         self.positives = SumMetric()
+        self.positive_slide_tiles = SumMetric()
+        self.negative_tiles = SumMetric()
+        self.negative_alarms = SumMetric()
 
     def update(self, scores: Tensor, tile_labels: Tensor, mask: Tensor) -> None:
         """``scores``/``tile_labels``/``mask`` are (B, N); a bag counts when all its tiles are labelled."""
@@ -141,6 +154,12 @@ class InstanceMetrics(nn.Module):
             self.overlap.update(s, y)
             self.labelled.update(torch.tensor(float(y.numel()), device=s.device))
             self.positives.update(y.sum().float())
+            if bool(y.any()):
+                self.auroc_positive.update(s, y)
+                self.positive_slide_tiles.update(torch.tensor(float(y.numel()), device=s.device))
+            else:
+                self.negative_tiles.update(torch.tensor(float(y.numel()), device=s.device))
+                self.negative_alarms.update((s >= self.threshold).sum().float())
 
     def compute(self) -> dict[str, Tensor]:
         """Empty when no labelled tile was seen on any rank (every rank must call this)."""
@@ -157,10 +176,22 @@ class InstanceMetrics(nn.Module):
             "instance_f1": self.f1.compute(),
         }
         out.update(self.overlap.compute())
+        nan = torch.tensor(float("nan"), device=auc.device)
+        within = (
+            self.auroc_positive.compute() if float(self.positive_slide_tiles.compute()) > positives else nan
+        )
+        out["instance_auc_positive_slides"] = within if positives > 0 else nan
+        negatives = float(self.negative_tiles.compute())
+        out["negative_slide_alarm_share"] = (
+            self.negative_alarms.compute() / negatives if negatives > 0 else nan
+        )
         return out
 
     def reset(self) -> None:
-        for metric in (self.auroc, self.accuracy, self.f1, self.overlap, self.labelled, self.positives):
+        for metric in (
+            self.auroc, self.auroc_positive, self.accuracy, self.f1, self.overlap, self.labelled,
+            self.positives, self.positive_slide_tiles, self.negative_tiles, self.negative_alarms,
+        ):  # fmt: skip
             metric.reset()
 
 
