@@ -130,7 +130,9 @@ class InstanceMetrics(nn.Module):
         super().__init__()
         self.threshold = threshold
         self.auroc = BinaryAUROC()
-        self.auroc_positive = BinaryAUROC()
+        # binned (steps of 0.001 on the [0, 1] min–max scores): a fixed-size state, so a DDP rank that
+        # saw no tumour slide syncs zeros instead of an empty list (a collective size mismatch)
+        self.auroc_positive = BinaryAUROC(thresholds=1001)
         self.accuracy = BinaryAccuracy(threshold=threshold)
         self.f1 = BinaryF1Score(threshold=threshold)
         self.overlap = TileOverlap(threshold=threshold)
