@@ -62,8 +62,7 @@ class TaskError(ValueError):
 
 def check_routable(module: Any, class_name: str | None) -> None:
     """``task="auto"`` needs a router that knows every task, and no fixed class (tasks differ)."""
-    names = [t.name for t in module.model.tasks]
-    missing = [n for n in names if n not in module.router]
+    missing = module.router.missing([t.name for t in module.model.tasks])
     if missing:
         raise TaskError(
             f"task=auto needs the checkpoint's task router, which lacks {missing} (a model trained "
@@ -76,9 +75,11 @@ def check_routable(module: Any, class_name: str | None) -> None:
 @torch.no_grad()
 def route_task(module: Any, features: np.ndarray) -> tuple[str, dict[str, float]]:
     """(the task a bag is routed to, p(task | bag) per task) from the checkpoint's router."""
+    from pathopeft.mil.continual.router import bag_descriptor
+
     names = [t.name for t in module.model.tasks]
     x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
-    posterior = module.router.posterior(x.mean(dim=0, keepdim=True), names)[0]
+    posterior = module.router.posterior(bag_descriptor(x[None]), names)[0]
     return names[int(posterior.argmax())], {n: float(p) for n, p in zip(names, posterior)}
 
 

@@ -179,10 +179,9 @@ class InstanceMetrics(nn.Module):
         }
         out.update(self.overlap.compute())
         nan = torch.tensor(float("nan"), device=auc.device)
-        within = (
-            self.auroc_positive.compute() if float(self.positive_slide_tiles.compute()) > positives else nan
-        )
-        out["instance_auc_positive_slides"] = within if positives > 0 else nan
+        # defined when tumour slides were seen and they hold normal tiles too
+        both = float(self.positive_slide_tiles.compute()) > positives > 0
+        out["instance_auc_positive_slides"] = self.auroc_positive.compute() if both else nan
         negatives = float(self.negative_tiles.compute())
         out["negative_slide_alarm_share"] = (
             self.negative_alarms.compute() / negatives if negatives > 0 else nan

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import pathopeft.adapters as pa
+from pathopeft.mil.continual.router import bag_descriptor
 from pathopeft.mil.metrics import BagMetrics, InstanceMetrics
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ def evaluate_task(
     n, offset = len(record["classes"]), record["offset"]
     threshold = module.eval_cfg["instance_threshold"]
     names = [r["name"] for r in module.records]
-    routable = all(name in module.router for name in names)
+    routable = not module.router.missing(names)
     modes = MODES if routable else tuple(m for m in MODES if m != "routed")
     bag = {m: BagMetrics(n) for m in modes}
     inst = {m: InstanceMetrics(threshold) for m in modes}
@@ -138,8 +139,6 @@ def _routed(
     weighted by the router's posterior in log space, so a bag routed with certainty elsewhere
     still has finite, renormalisable probabilities for its own task's classes.
     """
-    from pathopeft.mil.continual.router import bag_descriptor
-
     descriptor = bag_descriptor(batch["features"], batch["mask"])
     log_post = torch.log_softmax(module.router.log_likelihood(descriptor, names), dim=1)
     route = log_post.argmax(dim=1)

@@ -60,8 +60,9 @@ class TaskRouter:
     def __contains__(self, task: str) -> bool:
         return task in self.tasks
 
-    def __len__(self) -> int:
-        return len(self.tasks)
+    def missing(self, names: Sequence[str]) -> list[str]:
+        """The named tasks without statistics (a model trained before the router existed)."""
+        return [n for n in names if n not in self.tasks]
 
     def fit_task(self, task: str, descriptors: Tensor) -> None:
         """Store ``task``'s statistics from its training bags' descriptors (N, D)."""
@@ -84,7 +85,7 @@ class TaskRouter:
 
     def log_likelihood(self, descriptors: Tensor, names: Sequence[str]) -> Tensor:
         """(B, T) log density of each bag under each named task's Gaussian."""
-        missing = [n for n in names if n not in self.tasks]
+        missing = self.missing(names)
         if missing:
             raise KeyError(f"the router has no statistics for task(s) {missing}")
         x = descriptors.detach().float().cpu()
@@ -142,7 +143,7 @@ def fit_router(
             continue
         for i in range(len(dataset)):
             item = dataset[i]
-            sums.setdefault(index, []).append(item["features"].float().mean(dim=0))
+            sums.setdefault(index, []).append(bag_descriptor(item["features"][None])[0])
     fitted = []
     for index, rows in sorted(sums.items()):
         router.fit_task(names[index], torch.stack(rows))
