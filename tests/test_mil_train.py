@@ -208,3 +208,9 @@ def test_ddp_on_two_cpu_processes_splits_bags_and_syncs_metrics(cohort, tmp_path
     pooled = pd.concat(pd.read_csv(run / "predictions" / f"{s}.csv") for s in slides["slide_id"])
     auc = binary_auroc(torch.tensor(pooled["score"].values), torch.tensor(pooled["label"].values))
     assert report["instance_auc"] == pytest.approx(float(auc), abs=1e-4)
+    # and the map the heatmap shows by default (score × the slide's tumour probability), pooled
+    tumour = slides.set_index("slide_id")["prob_tumor"]
+    gated = pd.concat(pooled_slide.assign(score=pooled_slide["score"] * tumour[s]) for s, pooled_slide in (
+        (s, pd.read_csv(run / "predictions" / f"{s}.csv")) for s in slides["slide_id"]))  # fmt: skip
+    gated_auc = binary_auroc(torch.tensor(gated["score"].values), torch.tensor(gated["label"].values))
+    assert report["instance_auc_bag_weighted"] == pytest.approx(float(gated_auc), abs=5e-3)  # binned state

@@ -123,7 +123,11 @@ class InstanceMetrics(nn.Module):
     does it keep a normal slide quiet (min–max paints some tiles of every slide at 1)? So the two
     parts are reported too: ``instance_auc_positive_slides`` (pooled over slides with tumour tiles
     only) and ``negative_slide_alarm_share`` (share of tiles of tumour-free slides scoring ≥ the
-    threshold).
+    threshold). Given the bags' tumour probabilities, ``instance_auc_bag_weighted`` pools the
+    scores times that probability (1 − P(class 0), class 0 being the tumour-free class of the
+    tile-label convention): the same within-slide ranking, with a slide the model calls normal
+    kept quiet. It scores the map ``pathopeft heatmap`` shows by default (min–max × the bag
+    probability, ``gate: bag_probability``), where the plain pooled AUC scores a map nobody sees.
     """
 
     def __init__(self, threshold: float = 0.5) -> None:
@@ -133,6 +137,8 @@ class InstanceMetrics(nn.Module):
         # binned (steps of 0.001 on the [0, 1] min–max scores): a fixed-size state, so a DDP rank that
         # saw no tumour slide syncs zeros instead of an empty list (a collective size mismatch)
         self.auroc_positive = BinaryAUROC(thresholds=1001)
+        self.auroc_weighted = BinaryAUROC(thresholds=1001)
+        self.weighted_seen = SumMetric()
         self.accuracy = BinaryAccuracy(threshold=threshold)
         self.f1 = BinaryF1Score(threshold=threshold)
         self.overlap = TileOverlap(threshold=threshold)
@@ -142,14 +148,23 @@ class InstanceMetrics(nn.Module):
         self.negative_tiles = SumMetric()
         self.negative_alarms = SumMetric()
 
-    def update(self, scores: Tensor, tile_labels: Tensor, mask: Tensor) -> None:
-        """``scores``/``tile_labels``/``mask`` are (B, N); a bag counts when all its tiles are labelled."""
-        for s, y, m in zip(scores.detach().float(), tile_labels, mask):
+    def update(
+        self, scores: Tensor, tile_labels: Tensor, mask: Tensor, bag_positive: Tensor | None = None
+    ) -> None:
+        """``scores``/``tile_labels``/``mask`` are (B, N); a bag counts when all its tiles are labelled.
+
+        ``bag_positive`` (B,) is each bag's tumour probability, for ``instance_auc_bag_weighted``.
+        """
+        weights = None if bag_positive is None else bag_positive.detach().float()
+        for i, (s, y, m) in enumerate(zip(scores.detach().float(), tile_labels, mask)):
             y = y[m]
             if y.numel() == 0 or bool((y < 0).any()):
                 continue
             s = s[m]
             y = y.long()
+            if weights is not None:
+                self.auroc_weighted.update((s * weights[i]).clamp(0, 1), y)
+                self.weighted_seen.update(torch.tensor(1.0, device=s.device))
             self.auroc.update(s, y)
             self.accuracy.update(s, y)
             self.f1.update(s, y)
@@ -182,6 +197,9 @@ class InstanceMetrics(nn.Module):
         # defined when tumour slides were seen and they hold normal tiles too
         both = float(self.positive_slide_tiles.compute()) > positives > 0
         out["instance_auc_positive_slides"] = self.auroc_positive.compute() if both else nan
+        if float(self.weighted_seen.compute()) > 0:  # every rank or none got bag probabilities
+            weighted = self.auroc_weighted.compute()  # every rank computes (a collective)
+            out["instance_auc_bag_weighted"] = weighted if 0 < positives < labelled else nan
         negatives = float(self.negative_tiles.compute())
         out["negative_slide_alarm_share"] = (
             self.negative_alarms.compute() / negatives if negatives > 0 else nan
@@ -190,8 +208,9 @@ class InstanceMetrics(nn.Module):
 
     def reset(self) -> None:
         for metric in (
-            self.auroc, self.auroc_positive, self.accuracy, self.f1, self.overlap, self.labelled,
-            self.positives, self.positive_slide_tiles, self.negative_tiles, self.negative_alarms,
+            self.auroc, self.auroc_positive, self.auroc_weighted, self.weighted_seen, self.accuracy,
+            self.f1, self.overlap, self.labelled, self.positives, self.positive_slide_tiles,
+            self.negative_tiles, self.negative_alarms,
         ):  # fmt: skip
             metric.reset()
 

@@ -311,7 +311,7 @@ class MILModule(lightning.LightningModule):
         out = self(batch, task=self.task.name)
         probs = torch.softmax(out.logits.float(), dim=-1)
         bag.update(probs, batch["labels"])
-        instance.update(out.scores, batch["tile_labels"], out.mask)
+        instance.update(out.scores, batch["tile_labels"], out.mask, bag_positive=1 - probs[:, 0])
         return out
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
