@@ -50,6 +50,13 @@ SETTINGS: dict[str, list[str]] = {
     "published": ["bppl.preset=published"],
     "T1_center": ["bppl.temperature=1.0", "bppl.center=true"],
     "T0.1": ["bppl.temperature=0.1", "bppl.center=false"],
+    "T0.1_w0.1": ["bppl.temperature=0.1", "bppl.center=false", "bppl.weight=0.1"],
+    "T0.1_w0.3": ["bppl.temperature=0.1", "bppl.center=false", "bppl.weight=0.3"],
+    "T0.2": ["bppl.temperature=0.2", "bppl.center=false"],
+    "T0.3": ["bppl.temperature=0.3", "bppl.center=false"],
+    "T0.5": ["bppl.temperature=0.5", "bppl.center=false"],
+    "T0.3_w0.3": ["bppl.temperature=0.3", "bppl.center=false", "bppl.weight=0.3"],
+    "T0.3_center": ["bppl.temperature=0.3", "bppl.center=true"],
     "T0.1_center": ["bppl.temperature=0.1", "bppl.center=true"],
     "T0.05_center": ["bppl.temperature=0.05", "bppl.center=true"],
     "T0.1_center_pos": ["bppl.temperature=0.1", "bppl.center=true", "bppl.keep=positive", "bppl.tau1=0.98"],
@@ -107,6 +114,7 @@ def run_one(
         "tile_dice": test.get("tile_dice", float("nan")),
         "inst_auc_pos": test.get("instance_auc_positive_slides", float("nan")),
         "neg_alarms": test.get("negative_slide_alarm_share", float("nan")),
+        "inst_auc_weighted": test.get("instance_auc_bag_weighted", float("nan")),
         "kept_share": float(kept.iloc[-1]) if len(kept) else float("nan"),
         "kept_epochs": int((kept > 0).sum()) if len(kept) else 0,
         "precision": float(precision.mean()) if len(precision) else float("nan"),
@@ -121,6 +129,13 @@ def fmt(values: list[float]) -> str:
         return "—"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def write_rows(rows: list[dict], out: Path) -> None:
+    """Rewrite the CSV of every finished run through a temporary file (never a half-written CSV)."""
+    partial = out.with_name(out.name + ".partial")
+    pd.DataFrame(rows).to_csv(partial, index=False)
+    partial.replace(out)
 
 
 def main() -> None:
@@ -172,6 +187,8 @@ def main() -> None:
                 )
                 result.update(setting=setting, seed=seed, ideal=cohort.ideal_instance_auc)
                 rows.append(result)
+                if args.out:  # after every run, so a stopped sweep keeps what it finished
+                    write_rows(rows, Path(args.out))
                 print(
                     f"  seed {seed} {setting:20s} bag AUC {result['bag_auc']:.3f} inst AUC "
                     f"{result['instance_auc']:.3f} kept {result['kept_share']:.3f} "
@@ -180,8 +197,6 @@ def main() -> None:
                     flush=True,
                 )
     frame = pd.DataFrame(rows)
-    if args.out:
-        frame.to_csv(args.out, index=False)
     width = "512 (shipped)" if args.full_width else "128"
     print(
         f"scenario {args.scenario}: {scenario}, D {args.dim}, bags {bags}, tiles {tiles}, width {width}, "
@@ -190,17 +205,17 @@ def main() -> None:
     print(f"ideal per-tile instance AUC {fmt(frame.groupby('seed')['ideal'].first().tolist())}")
     print(
         "| setting | bag AUC | bag acc @0.5 | bal. acc @val thr | instance AUC | inst. AUC, tumour bags "
-        "| normal-bag tiles ≥ 0.5 | tile Dice (positive bags) | kept share (last ep.) | epochs with kept "
-        "| PL precision | s/run |"
+        "| normal-bag tiles ≥ 0.5 | inst. AUC × bag prob. | tile Dice (positive bags) "
+        "| kept share (last ep.) | epochs with kept | PL precision | s/run |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for setting in settings:
         g = frame[frame["setting"] == setting]
         print(
             f"| {setting} | {fmt(g.bag_auc.tolist())} | {fmt(g.bag_acc.tolist())} "
             f"| {fmt(g.bal_acc_valthr.tolist())} | {fmt(g.instance_auc.tolist())} "
             f"| {fmt(g.inst_auc_pos.tolist())} | {fmt(g.neg_alarms.tolist())} "
-            f"| {fmt(g.tile_dice.tolist())} "
+            f"| {fmt(g.inst_auc_weighted.tolist())} | {fmt(g.tile_dice.tolist())} "
             f"| {fmt(g.kept_share.tolist())} | {fmt(g.kept_epochs.tolist())} "
             f"| {fmt(g.precision.tolist())} | {g.seconds.mean():.0f} |"
         )
