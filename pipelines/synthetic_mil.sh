@@ -33,7 +33,10 @@ python - <<'PY'
 import json
 from pathlib import Path
 
-keys = ["bag_auc", "bag_accuracy", "bag_balanced_accuracy", "instance_auc", "tile_dice"]
+keys = [
+    "bag_auc", "bag_accuracy", "bag_balanced_accuracy", "instance_auc", "instance_auc_positive_slides",
+    "negative_slide_alarm_share", "instance_auc_bag_weighted", "tile_dice",
+]
 print("| model | " + " | ".join(keys) + " |")
 print("|---|" + "---:|" * len(keys))
 for model in ["camelyon_comel", "abmil", "transmil"]:

@@ -55,6 +55,12 @@ def test_unknown_override_key_is_an_error(tmp_path: Path) -> None:
         load_config(Schema, write(tmp_path, "{}\n"), ["inner.nope=1"])
 
 
+def test_a_yaml_boolean_where_text_is_expected_says_to_quote_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"inner.targets: .*read the value as a bool: quote it"):
+        load_config(Schema, write(tmp_path, "{}\n"), ["inner.targets=off"])  # YAML 1.1: off = False
+    assert load_config(Schema, write(tmp_path, "{}\n"), ['inner.targets="off"']).inner.targets == "off"
+
+
 def test_wrong_type_names_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="inner.rank"):
         load_config(Schema, write(tmp_path, "inner:\n  rank: many\n"))

@@ -132,7 +132,15 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         if err["type"] == "extra_forbidden":
             lines.append(f"  - {key}: unknown key")
         else:
-            lines.append(f"  - {key}: {err['msg']} (got {err.get('input')!r})")
+            got = err.get("input")
+            hint = ""
+            if err["type"] == "string_type" and isinstance(got, bool | int | float):
+                # YAML 1.1 reads off/no/yes/on as booleans and 1e-3 as a number
+                hint = (
+                    f"; YAML read the value as a {type(got).__name__}: quote it to keep the text "
+                    f"(in a file: {err['loc'][-1]}: 'off'; on the command line: --set {key}='\"off\"')"
+                )
+            lines.append(f"  - {key}: {err['msg']} (got {got!r}){hint}")
     return "\n".join(lines)
 
 
