@@ -56,6 +56,7 @@ SETTINGS: dict[str, list[str]] = {
     "T0.3": ["bppl.temperature=0.3", "bppl.center=false"],
     "T0.5": ["bppl.temperature=0.5", "bppl.center=false"],
     "T0.3_w0.3": ["bppl.temperature=0.3", "bppl.center=false", "bppl.weight=0.3"],
+    "T0.1_center_w0.1": ["bppl.temperature=0.1", "bppl.center=true", "bppl.weight=0.1"],
     "T0.3_center": ["bppl.temperature=0.3", "bppl.center=true"],
     "T0.1_center": ["bppl.temperature=0.1", "bppl.center=true"],
     "T0.05_center": ["bppl.temperature=0.05", "bppl.center=true"],

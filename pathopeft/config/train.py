@@ -220,8 +220,10 @@ class BPPLConfig(StrictModel):
 
     ``preset: published`` is the authors' continual-code setting exactly (T = 1, raw cosines, both
     labels kept, τ₁ = 0.95); it refuses other values for those keys. Unset keys take the shipped
-    defaults, chosen by ``benchmarks/bench_bppl.py`` (``benchmarks/RESULTS.md``): T = 0.1, no
-    centring, both labels (the published T = 1 keeps almost no pseudo-label).
+    defaults, chosen by ``benchmarks/bench_bppl.py`` (``benchmarks/RESULTS.md``) for a 128-wide
+    CoMEL: T = 0.1, no centring, both labels (the published T = 1 keeps almost no pseudo-label).
+    The best setting depends on the encoder width: the 512-wide ``configs/camelyon_comel.yaml``
+    sets its own (centred, weight 0.1), measured the same way.
     """
 
     # Add the BPPL pseudo-label loss on tile scores (false: bag loss only).
