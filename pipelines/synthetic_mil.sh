@@ -8,7 +8,7 @@
 # (--no-pretrained), so the models see identical, weak features; use a real encoder for more.
 # The bag and tile metrics in the table come from the held-out test slides. On this weak signal
 # CoMEL's transformer needs ~40 epochs at the published lr 1e-4 before its bag loss leaves chance
-# (measured: test bag accuracy 1.0, instance AUC 0.86 after 60); lr 1e-3 collapsed it to a
+# (measured: test bag accuracy 1.0 after 60; tile metrics in benchmarks/RESULTS.md); lr 1e-3 collapsed it to a
 # constant output, so raise EPOCHS rather than LR.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
